@@ -1,0 +1,565 @@
+"""
+The ledger: a SQLite database with one row per file version the daemon has seen.
+
+The ledger is the only thing that stops a document going up twice, because coreplus
+offers no way to ask whether a file already arrived. Every state is committed before
+the daemon acts on it: a row says ``uploading`` before the first byte is sent, and
+``uploaded`` only after the service confirmed. This module knows nothing about HTTP or
+asyncio; the daemon calls it from one dedicated thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from uploader.constants import ACTIVE_STATES, RETRYABLE_BY_USER, State
+from uploader.exceptions import LedgerDamagedError, LedgerError, LedgerLockedError
+
+#: Bumped whenever the schema changes; `_migrate` upgrades older ledgers in place.
+SCHEMA_VERSION = 1
+
+_SCHEMA_V1 = """
+CREATE TABLE files (
+    id INTEGER PRIMARY KEY,
+    rel_path BLOB NOT NULL,
+    display_path TEXT NOT NULL,
+    drop_folder TEXT,
+    client_id TEXT,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    sha256 TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    deferrals INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    remote_id TEXT,
+    duplicate_of INTEGER,
+    possible_duplicate INTEGER NOT NULL DEFAULT 0,
+    forgotten INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    disposition TEXT,
+    final_path TEXT,
+    first_seen_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    uploaded_at REAL
+);
+CREATE INDEX files_rel_path ON files (rel_path);
+CREATE INDEX files_client_sha ON files (client_id, sha256);
+CREATE INDEX files_state ON files (state, next_attempt_at);
+CREATE TABLE unmapped (
+    rel_path BLOB PRIMARY KEY,
+    display_path TEXT NOT NULL,
+    problem TEXT NOT NULL,
+    first_seen_at REAL NOT NULL,
+    last_seen_at REAL NOT NULL
+);
+CREATE TABLE daemon (
+    key TEXT PRIMARY KEY,
+    value TEXT
+);
+"""
+
+#: Dispositions after an upload. ``pending`` means the move to the archive (or the
+#: delete) failed and is retried later, so the file is still in its drop folder.
+DISPOSITION_ARCHIVED = "archived"
+DISPOSITION_DELETED = "deleted"
+DISPOSITION_KEPT = "kept"
+DISPOSITION_PENDING = "pending"
+DISPOSITION_FAILED_DIR = "moved to failed folder"
+
+#: Rows whose file is still expected at its path in the drop folder, so a scan that
+#: finds the same version must not treat it as new.
+_LIVE_CONDITION = (
+    f"(state IN ({', '.join(repr(str(s)) for s in ACTIVE_STATES)})"
+    f" OR disposition IN ('{DISPOSITION_KEPT}', '{DISPOSITION_PENDING}'))"
+)
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """
+    One file version as stored in the ledger.
+    """
+
+    id: int
+    rel_path: bytes
+    display_path: str
+    drop_folder: str | None
+    client_id: str | None
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    sha256: str | None
+    state: str
+    attempts: int
+    deferrals: int
+    last_error: str | None
+    remote_id: str | None
+    duplicate_of: int | None
+    possible_duplicate: int
+    forgotten: int
+    next_attempt_at: float | None
+    disposition: str | None
+    final_path: str | None
+    first_seen_at: float
+    updated_at: float
+    uploaded_at: float | None
+
+    @property
+    def rel_path_str(self) -> str:
+        """The relative path as ``str``, with undecodable bytes as surrogate escapes."""
+        return os.fsdecode(self.rel_path)
+
+    def as_dict(self) -> dict[str, object]:
+        """The row for JSON output, with the raw path bytes left out."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.pop("rel_path")
+        return data
+
+
+_COLUMNS = ", ".join(f.name for f in fields(FileRow))
+
+
+class LedgerLock:
+    """
+    An exclusive ``flock`` on ``<ledger>.lock``, held by the one process that may
+    upload from this ledger. The kernel drops it when the process dies, even on kill -9.
+    """
+
+    def __init__(self, ledger_path: Path) -> None:
+        self.path = ledger_path.with_name(ledger_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """
+        Take the lock or raise LedgerLockedError naming the process that holds it.
+        """
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise LedgerLockedError(
+                f"The ledger {self.path.with_suffix('')} is in use by another process "
+                f"(pid {holder}). Stop the running daemon (systemctl stop coreplus-uploader) "
+                "or wait for the other command to finish."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock; the lock file stays, so its inode is stable."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def is_held_elsewhere(self) -> bool:
+        """
+        Return True when another process holds the lock, without taking it for long.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def holder_pid(self) -> int | None:
+        """The pid written by the process that last took the lock, if readable."""
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+
+class Ledger:
+    """
+    Open a ledger file and read or change its rows.
+
+    Every method commits before it returns, so the state on disk is always the state
+    the daemon acts on. Use one instance from one thread at a time.
+    """
+
+    def __init__(self, path: Path, connection: sqlite3.Connection, created: bool) -> None:
+        self.path = path
+        self.created = created
+        self._db = connection
+
+    # -- opening -------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = True, readonly: bool = False) -> Ledger:
+        """
+        Open (and when allowed, create) the ledger, check it, and upgrade its schema.
+
+        Raises:
+            LedgerDamagedError: the file is not a ledger, or fails SQLite's check.
+            LedgerError: the file or its folder cannot be opened.
+        """
+        path = Path(path)
+        exists = path.exists()
+        if not exists and (readonly or not create):
+            raise LedgerError(
+                f"The ledger {path} does not exist. Check ledger.path in the configuration; "
+                "the daemon creates the ledger on its first start."
+            )
+        if not exists:
+            _make_private_dir(path.parent)
+            # Create the file ourselves so it is owner-only from the first byte.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            db = _connect(path, readonly)
+            _check_integrity(db, path)
+            if not readonly:
+                _migrate(db, path)
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(path, exc) from exc
+        return cls(path, db, created=not exists)
+
+    def close(self) -> None:
+        """Close the connection; WAL content is checkpointed by SQLite."""
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._db:
+                yield self._db
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and _is_disk_full(exc):
+                raise LedgerError(
+                    f"The disk holding the ledger {self.path} is full: {exc}. Free space on "
+                    "that filesystem; the daemon retries the write."
+                ) from exc
+            raise
+
+    # -- lookups -------------------------------------------------------------------
+
+    def get(self, row_id: int) -> FileRow | None:
+        """The row with this id, or None."""
+        cur = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE id = ?", (row_id,))
+        return _row(cur.fetchone())
+
+    def find_live(self, rel_path: bytes) -> FileRow | None:
+        """
+        The newest row whose file is still expected at ``rel_path`` in the drop folder:
+        one the daemon is still working on, or an upload kept in place.
+        """
+        cur = self._db.execute(
+            f"SELECT {_COLUMNS} FROM files WHERE rel_path = ? AND {_LIVE_CONDITION} "
+            "ORDER BY id DESC LIMIT 1",
+            (rel_path,),
+        )
+        return _row(cur.fetchone())
+
+    def find_uploaded(self, client_id: str, sha256: str) -> FileRow | None:
+        """The earliest upload of these bytes for this client that was not forgotten."""
+        cur = self._db.execute(
+            f"SELECT {_COLUMNS} FROM files WHERE client_id = ? AND sha256 = ? "
+            "AND state = ? AND forgotten = 0 ORDER BY id LIMIT 1",
+            (client_id, sha256, State.UPLOADED),
+        )
+        return _row(cur.fetchone())
+
+    def rows_in_state(self, *states: str, limit: int | None = None) -> list[FileRow]:
+        """Rows in any of ``states``, oldest first."""
+        marks = ", ".join("?" for _ in states)
+        sql = f"SELECT {_COLUMNS} FROM files WHERE state IN ({marks}) ORDER BY id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [_row(r) for r in self._db.execute(sql, states)]  # type: ignore[misc]
+
+    def next_ready(
+        self, *, now: float, limit: int, include_uncertain: bool, exclude: Iterable[int] = ()
+    ) -> list[FileRow]:
+        """
+        Rows a worker may take now: queued ones, and deferred (and with the retry
+        policy, uncertain) ones whose ``next_attempt_at`` has passed.
+        """
+        states = [State.DEFERRED] + ([State.UNCERTAIN] if include_uncertain else [])
+        excluded = list(exclude)
+        marks = ", ".join("?" for _ in states)
+        skip = f"AND id NOT IN ({', '.join('?' for _ in excluded)})" if excluded else ""
+        cur = self._db.execute(
+            f"SELECT {_COLUMNS} FROM files WHERE (state = ? OR (state IN ({marks}) "
+            f"AND COALESCE(next_attempt_at, 0) <= ?)) {skip} ORDER BY id LIMIT ?",
+            (State.QUEUED, *states, now, *excluded, limit),
+        )
+        return [_row(r) for r in cur]  # type: ignore[misc]
+
+    def next_wakeup(self, *, include_uncertain: bool) -> float | None:
+        """The earliest ``next_attempt_at`` among waiting retries, or None."""
+        states = [State.DEFERRED] + ([State.UNCERTAIN] if include_uncertain else [])
+        marks = ", ".join("?" for _ in states)
+        cur = self._db.execute(
+            f"SELECT MIN(next_attempt_at) FROM files WHERE state IN ({marks})", states
+        )
+        value = cur.fetchone()[0]
+        return float(value) if value is not None else None
+
+    def pending_dispositions(self) -> list[FileRow]:
+        """Uploaded rows whose move to the archive, or delete, still has to happen."""
+        cur = self._db.execute(
+            f"SELECT {_COLUMNS} FROM files WHERE disposition = ? ORDER BY id",
+            (DISPOSITION_PENDING,),
+        )
+        return [_row(r) for r in cur]  # type: ignore[misc]
+
+    def count_by_state(self) -> dict[str, int]:
+        """How many rows are in each state."""
+        cur = self._db.execute("SELECT state, COUNT(*) FROM files GROUP BY state")
+        return {state: count for state, count in cur}
+
+    def count_uploaded_since(self, since: float) -> int:
+        """How many uploads the service confirmed since ``since`` (unix seconds)."""
+        cur = self._db.execute(
+            "SELECT COUNT(*) FROM files WHERE state = ? AND uploaded_at >= ?",
+            (State.UPLOADED, since),
+        )
+        return int(cur.fetchone()[0])
+
+    def possible_duplicates(self) -> list[FileRow]:
+        """Rows flagged because the service may hold a second copy."""
+        cur = self._db.execute(
+            f"SELECT {_COLUMNS} FROM files WHERE possible_duplicate = 1 ORDER BY id"
+        )
+        return [_row(r) for r in cur]  # type: ignore[misc]
+
+    def all_rows(self) -> Iterator[FileRow]:
+        """Every row, oldest first, for exports."""
+        for r in self._db.execute(f"SELECT {_COLUMNS} FROM files ORDER BY id"):
+            yield _row(r)  # type: ignore[misc]
+
+    # -- changes -------------------------------------------------------------------
+
+    def insert_waiting(
+        self,
+        *,
+        rel_path: bytes,
+        display_path: str,
+        drop_folder: str | None,
+        client_id: str | None,
+        size: int,
+        mtime_ns: int,
+        ctime_ns: int,
+        now: float | None = None,
+    ) -> FileRow:
+        """Record a newly seen file version in the ``waiting`` state."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO files (rel_path, display_path, drop_folder, client_id, size, "
+                "mtime_ns, ctime_ns, state, first_seen_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rel_path, display_path, drop_folder, client_id, size, mtime_ns, ctime_ns,
+                 State.WAITING, now, now),
+            )
+            row_id = cur.lastrowid
+        row = self.get(int(row_id or 0))
+        assert row is not None
+        return row
+
+    def update(self, row_id: int, **values: object) -> FileRow:
+        """
+        Change columns of one row and commit. ``updated_at`` is set automatically.
+        """
+        values.setdefault("updated_at", time.time())
+        unknown = set(values) - {f.name for f in fields(FileRow)}
+        if unknown:
+            raise ValueError(f"unknown ledger columns: {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE files SET {assignments} WHERE id = ?", (*values.values(), row_id)
+            )
+        row = self.get(row_id)
+        if row is None:
+            raise LedgerError(f"ledger row {row_id} disappeared while it was being updated")
+        return row
+
+    def recover_interrupted(self, *, hold: bool) -> list[FileRow]:
+        """
+        Turn rows left ``uploading`` by a crash into ``uncertain`` (or ``held`` with the
+        hold policy), flagged as possible duplicates: their body may have arrived.
+        """
+        stuck = self.rows_in_state(State.UPLOADING)
+        for row in stuck:
+            self.update(
+                row.id,
+                state=State.HELD if hold else State.UNCERTAIN,
+                possible_duplicate=1,
+                next_attempt_at=None,
+                last_error="The daemon stopped while this upload was in flight, so coreplus "
+                "may already hold the file.",
+            )
+        return stuck
+
+    def requeue(self, ids: Iterable[int] | None) -> list[int]:
+        """
+        Put ``failed``, ``deferred``, ``held`` or ``uncertain`` rows back in the queue.
+        ``ids=None`` takes every such row. Returns the ids changed.
+        """
+        marks = ", ".join("?" for _ in RETRYABLE_BY_USER)
+        sql = f"SELECT id FROM files WHERE state IN ({marks})"
+        params: list[object] = list(RETRYABLE_BY_USER)
+        if ids is not None:
+            wanted = list(ids)
+            sql += f" AND id IN ({', '.join('?' for _ in wanted)})"
+            params += wanted
+        changed = [r[0] for r in self._db.execute(sql, params)]
+        with self._tx() as db:
+            for row_id in changed:
+                db.execute(
+                    "UPDATE files SET state = ?, next_attempt_at = NULL, deferrals = 0, "
+                    "updated_at = ? WHERE id = ?",
+                    (State.QUEUED, time.time(), row_id),
+                )
+        return changed
+
+    def forget(self, rel_path: bytes) -> int:
+        """Flag every row for this path as forgotten; returns how many rows changed."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE files SET forgotten = 1, updated_at = ? WHERE rel_path = ?",
+                (time.time(), rel_path),
+            )
+        return cur.rowcount
+
+    # -- unmapped folders and daemon status ------------------------------------------
+
+    def record_unmapped(self, rel_path: bytes, display_path: str, problem: str) -> bool:
+        """Remember an unmapped folder or root file; returns True the first time."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE unmapped SET last_seen_at = ?, problem = ? WHERE rel_path = ?",
+                (now, problem, rel_path),
+            )
+            if cur.rowcount:
+                return False
+            db.execute(
+                "INSERT INTO unmapped VALUES (?, ?, ?, ?, ?)",
+                (rel_path, display_path, problem, now, now),
+            )
+        return True
+
+    def clear_unmapped(self, keep: Iterable[bytes]) -> None:
+        """Drop unmapped entries that are no longer present."""
+        kept = set(keep)
+        rows = list(self._db.execute("SELECT rel_path FROM unmapped"))
+        with self._tx() as db:
+            for (rel_path,) in rows:
+                if rel_path not in kept:
+                    db.execute("DELETE FROM unmapped WHERE rel_path = ?", (rel_path,))
+
+    def unmapped(self) -> list[dict[str, object]]:
+        """Unmapped folders and root files, for `status`."""
+        cur = self._db.execute(
+            "SELECT display_path, problem, first_seen_at, last_seen_at FROM unmapped "
+            "ORDER BY display_path"
+        )
+        keys = ("path", "problem", "first_seen_at", "last_seen_at")
+        return [dict(zip(keys, r, strict=True)) for r in cur]
+
+    def set_status(self, **values: str | None) -> None:
+        """Store daemon facts (pause reason, start time) for `status` to read."""
+        with self._tx() as db:
+            for key, value in values.items():
+                db.execute("INSERT OR REPLACE INTO daemon VALUES (?, ?)", (key, value))
+
+    def get_status(self) -> dict[str, str | None]:
+        """Daemon facts stored with `set_status`."""
+        return {k: v for k, v in self._db.execute("SELECT key, value FROM daemon")}
+
+    def backup(self, target: Path) -> None:
+        """Write a consistent copy through SQLite's backup API, owner-only."""
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        dest = sqlite3.connect(target)
+        try:
+            self._db.backup(dest)
+        finally:
+            dest.close()
+
+
+def _make_private_dir(path: Path) -> None:
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True)
+
+
+def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    if readonly:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        db = sqlite3.connect(path, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout = 5000")
+    if not readonly:
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise LedgerError(
+                f"SQLite could not switch the ledger {path} to WAL mode (got {mode!r}). "
+                "Put ledger.path on a local filesystem; WAL does not work over NFS or SMB."
+            )
+        # FULL makes each commit durable before the daemon acts on the new state.
+        db.execute("PRAGMA synchronous = FULL")
+    return db
+
+
+def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
+    result = db.execute("PRAGMA quick_check").fetchone()[0]
+    if result != "ok":
+        raise _damaged(path, sqlite3.DatabaseError(str(result)))
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if version == 0 and tables:
+        raise _damaged(path, sqlite3.DatabaseError("tables present but no schema version"))
+    if version > SCHEMA_VERSION:
+        raise LedgerError(
+            f"The ledger {path} was written by a newer version of coreplus-uploader "
+            f"(schema {version}, this version knows {SCHEMA_VERSION}). Upgrade the program."
+        )
+    if version == 0:
+        with db:
+            db.executescript(_SCHEMA_V1)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _damaged(path: Path, exc: Exception) -> LedgerDamagedError:
+    return LedgerDamagedError(
+        f"The ledger {path} is damaged or is not a coreplus-uploader ledger ({exc}). "
+        "Restore it from a copy made with `coreplus-uploader ledger backup`. If there is no "
+        "copy, move the file aside; the daemon then starts a new ledger, and files still in "
+        "drop folders or kept after upload would be uploaded again."
+    )
+
+
+def _is_disk_full(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "full" in text or getattr(exc, "sqlite_errorcode", None) == 13 or (
+        getattr(exc, "errno", None) == errno.ENOSPC
+    )
+
+
+def _row(raw: tuple[object, ...] | None) -> FileRow | None:
+    if raw is None:
+        return None
+    return FileRow(*raw)  # type: ignore[arg-type]

@@ -1,0 +1,403 @@
+"""
+Workers: take ready rows from the ledger, upload each once, and record the outcome.
+
+Each outcome maps to a ledger state as the failure table says: confirmed uploads are
+``uploaded`` and then archived, deleted or kept; transient failures are ``deferred`` with
+a ``next_attempt_at``; lost answers are ``uncertain`` and flagged; rejections are
+``failed`` with a reason file; 401, 403 and TLS errors pause the gate and leave the file
+``queued``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+
+from uploader import disposal
+from uploader.client import CoreplusClient, UploadRequest, UploadResult
+from uploader.constants import CLOCK_SKEW_WARN_S, LEDGER_POLL_INTERVAL_S, State
+from uploader.context import Runtime, daemon_user
+from uploader.exceptions import (
+    FileChangedError,
+    FileVanishedError,
+    PermanentUploadError,
+    RetryableUploadError,
+    ServicePausedError,
+    UncertainUploadError,
+)
+from uploader.gate import ServiceGate
+from uploader.ledger import (
+    DISPOSITION_ARCHIVED,
+    DISPOSITION_DELETED,
+    DISPOSITION_KEPT,
+    DISPOSITION_PENDING,
+    FileRow,
+)
+from uploader.retry import deferral_delay_s, upload_with_retry
+
+log = structlog.get_logger("uploader.uploads")
+
+#: Local errors that mean "try again later", such as a share that is briefly away.
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.EIO, errno.ETIMEDOUT, errno.EHOSTDOWN,
+                     errno.ENOTCONN, errno.ESTALE}
+
+
+@dataclass
+class RunCounters:
+    """Outcomes counted during this process's life, for `import` and STATUS=."""
+
+    uploaded: int = 0
+    duplicate: int = 0
+    failed: int = 0
+    deferred: int = 0
+    uncertain: int = 0
+    held: int = 0
+    handled_ids: set[int] = field(default_factory=set)
+
+
+class Uploader:
+    """
+    Run ``upload.workers`` uploads at once, fed from the ledger.
+    """
+
+    def __init__(self, rt: Runtime, client: CoreplusClient, gate: ServiceGate) -> None:
+        self.rt = rt
+        self.client = client
+        self.gate = gate
+        self.counters = RunCounters()
+        self.in_flight: dict[int, asyncio.Task[None]] = {}
+        self._busy_keys: set[tuple[str | None, str | None]] = set()
+        self._accepting = True
+
+    # -- dispatching ---------------------------------------------------------------
+
+    async def dispatch_loop(self) -> None:
+        """Start workers for ready rows until the daemon stops taking new work."""
+        workers = self.rt.config.upload.workers
+        include_uncertain = self.rt.config.upload.on_uncertain == "retry"
+        while self._accepting and not self.rt.stopping.is_set():
+            await self.gate.wait_open()
+            free = workers - len(self.in_flight)
+            if free > 0:
+                rows = await self.rt.ledger.next_ready(
+                    now=time.time(), limit=free + len(self._busy_keys) + 8,
+                    include_uncertain=include_uncertain, exclude=list(self.in_flight))
+                self._start(rows, free)
+            self.rt.work_available.clear()
+            try:
+                await asyncio.wait_for(self._wake(), LEDGER_POLL_INTERVAL_S)
+            except TimeoutError:
+                pass
+
+    async def _wake(self) -> None:
+        stop = asyncio.ensure_future(self.rt.stopping.wait())
+        work = asyncio.ensure_future(self.rt.work_available.wait())
+        try:
+            await asyncio.wait({stop, work}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            work.cancel()
+
+    def _start(self, rows: list[FileRow], free: int) -> None:
+        for row in rows:
+            if free <= 0 or self.gate.paused or self.rt.stopping.is_set():
+                return
+            key = (row.client_id, row.sha256)
+            if key in self._busy_keys:
+                # The same bytes for the same client are in flight: once that upload
+                # ends, this row becomes a duplicate or goes up itself.
+                continue
+            self._busy_keys.add(key)
+            task = asyncio.create_task(self._run(row, key))
+            self.in_flight[row.id] = task
+            free -= 1
+
+    def stop_accepting(self) -> None:
+        """Take no new rows; in-flight uploads carry on."""
+        self._accepting = False
+
+    async def _run(self, row: FileRow, key: tuple[str | None, str | None]) -> None:
+        try:
+            await self.process(row)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._interrupted(row))
+            raise
+        except Exception as exc:  # The per-file boundary: the daemon must keep running.
+            await self._unexpected(row, exc)
+        finally:
+            self.in_flight.pop(row.id, None)
+            self._busy_keys.discard(key)
+            self.counters.handled_ids.add(row.id)
+            self.rt.work_available.set()
+
+    async def _interrupted(self, row: FileRow) -> None:
+        current = await self.rt.ledger.get(row.id)
+        if current is not None and current.state == State.UPLOADING:
+            # Cancelled after the shutdown grace: the body may have been sent already.
+            await self.rt.ledger.update(
+                row.id, state=State.UNCERTAIN, possible_duplicate=1,
+                last_error="The daemon stopped during this upload, so coreplus may already "
+                "hold the file.")
+
+    async def _unexpected(self, row: FileRow, exc: Exception) -> None:
+        log.error("upload.held", client=row.client_id, path=row.display_path,
+                  error=f"{type(exc).__name__}: {exc}", state=State.HELD,
+                  traceback="".join(traceback.format_exception(exc)),
+                  message="An unexpected error stopped this file's upload; the daemon "
+                  "carries on with other files.",
+                  action="Report the error with this log line, then run "
+                  "`coreplus-uploader retry` for the file.")
+        self.counters.held += 1
+        try:
+            await self.rt.ledger.update(row.id, state=State.HELD,
+                                        last_error=f"unexpected error: {type(exc).__name__}: {exc}")
+        except Exception as ledger_exc:  # noqa: BLE001 - already in the error path
+            log.error("upload.held", client=row.client_id, path=row.display_path,
+                      error=f"could not record the held state: {ledger_exc}")
+
+    # -- one file ------------------------------------------------------------------
+
+    async def process(self, row: FileRow) -> None:
+        """Upload one ready row and record what happened."""
+        row = await self._refresh_client(row)
+        if row is None:
+            return
+        current = await self._current_stat(row)
+        if current is None:
+            return
+        if self.rt.config.upload.skip_duplicates and await self._is_duplicate(row):
+            return
+        await self._upload(row)
+
+    async def _refresh_client(self, row: FileRow) -> FileRow | None:
+        """Resolve the client again just before sending, so a renamed alias counts."""
+        _, resolution = self.rt.resolve(row.rel_path_str)
+        client_id = resolution.client_id if resolution is not None else None
+        if client_id is None:
+            await self.rt.hold(row, "The file's folder no longer maps to a client.",
+                               action="Rename the folder to end in the client's id in "
+                               "brackets or add an alias under [clients], then run "
+                               "`coreplus-uploader retry`.")
+            self.counters.held += 1
+            return None
+        if client_id != row.client_id:
+            row = await self.rt.ledger.update(row.id, client_id=client_id)
+        return row
+
+    async def _current_stat(self, row: FileRow) -> os.stat_result | None:
+        path = self.rt.root / row.rel_path_str
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            await self.rt.ledger.update(row.id, state=State.VANISHED,
+                                        last_error="The file disappeared before its upload.")
+            log.debug("file.vanished", client=row.client_id, path=row.display_path)
+            return None
+        if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
+            await self._back_to_waiting(row)
+            return None
+        return st
+
+    async def _back_to_waiting(self, row: FileRow) -> None:
+        await self.rt.ledger.update(row.id, state=State.WAITING, sha256=None,
+                                    next_attempt_at=None)
+        log.info("file.changed", client=row.client_id, path=row.display_path,
+                 state=State.WAITING)
+        # The intake picks it up from the watcher event, or at the next rescan.
+        self.rt.work_available.set()
+
+    async def _is_duplicate(self, row: FileRow) -> bool:
+        assert row.client_id is not None and row.sha256 is not None
+        earlier = await self.rt.ledger.find_uploaded(row.client_id, row.sha256)
+        if earlier is None or earlier.id == row.id:
+            return False
+        row = await self.rt.ledger.update(row.id, state=State.DUPLICATE, duplicate_of=earlier.id,
+                                          remote_id=earlier.remote_id)
+        log.info("upload.duplicate", client=row.client_id, path=row.display_path,
+                 size=row.size, state=State.DUPLICATE, remote_id=earlier.remote_id,
+                 earlier_path=earlier.display_path)
+        self.counters.duplicate += 1
+        await self._dispose(row)
+        return True
+
+    async def _upload(self, row: FileRow) -> None:
+        rt = self.rt
+        upload = rt.config.upload
+        started = time.monotonic()
+        await rt.ledger.update(row.id, state=State.UPLOADING, next_attempt_at=None)
+        request = UploadRequest(
+            path=os.fsencode(rt.root / row.rel_path_str), client_id=row.client_id or "",
+            name=_display_name(row), size=row.size, sha256=row.sha256 or "",
+            mtime_ns=row.mtime_ns, ctime_ns=row.ctime_ns)
+        attempts = row.attempts
+
+        async def before_attempt(number: int) -> None:
+            nonlocal attempts
+            attempts += 1
+            await rt.ledger.update(row.id, attempts=attempts)
+            log.info("upload.started", client=row.client_id, path=row.display_path,
+                     size=row.size, attempt=attempts)
+
+        async def on_retry(number: int, exc: Exception, wait_s: float) -> None:
+            log.warning("upload.retrying", client=row.client_id, path=row.display_path,
+                        attempt=attempts, error=str(exc), wait_seconds=round(wait_s, 1))
+
+        try:
+            result = await upload_with_retry(
+                self.client, request, max_attempts=upload.max_attempts,
+                backoff_max_s=upload.backoff_max_seconds, before_attempt=before_attempt,
+                on_retry=on_retry)
+        except Exception as exc:
+            self._check_clock()
+            await self._record_failure(row, exc, started)
+            return
+        self._check_clock(result)
+        await asyncio.shield(self._record_success(row, result, started))
+
+    # -- outcomes ------------------------------------------------------------------
+
+    async def _record_success(self, row: FileRow, result: UploadResult, started: float) -> None:
+        row = await self.rt.ledger.update(
+            row.id, state=State.UPLOADED, remote_id=result.remote_id, uploaded_at=time.time(),
+            last_error=None, next_attempt_at=None)
+        self.gate.note_success()
+        self.counters.uploaded += 1
+        log.info("upload.succeeded", client=row.client_id, path=row.display_path,
+                 size=row.size, attempt=row.attempts, remote_id=result.remote_id,
+                 state=State.UPLOADED, elapsed_ms=round((time.monotonic() - started) * 1000),
+                 possible_duplicate=bool(row.possible_duplicate))
+        await self._dispose(row)
+
+    async def _record_failure(self, row: FileRow, exc: Exception, started: float) -> None:
+        if isinstance(exc, RetryableUploadError):
+            await self._defer(row, exc)
+        elif isinstance(exc, UncertainUploadError):
+            await self._uncertain(row, exc)
+        elif isinstance(exc, ServicePausedError):
+            await self.rt.ledger.update(row.id, state=State.QUEUED, last_error=str(exc))
+            await self.gate.pause_for(exc)
+        elif isinstance(exc, PermanentUploadError):
+            await self._reject(row, exc)
+        elif isinstance(exc, FileChangedError):
+            await self._back_to_waiting(row)
+        elif isinstance(exc, FileVanishedError):
+            await self.rt.ledger.update(row.id, state=State.VANISHED, last_error=str(exc))
+            log.debug("file.vanished", client=row.client_id, path=row.display_path)
+        elif isinstance(exc, PermissionError):
+            self.counters.held += 1
+            await self.rt.hold(
+                row, f"The daemon's user ({daemon_user()}) may not read this file: {exc}",
+                action="Give the service's group read access (chmod g+r, or 'force group' "
+                "on the Samba share), then run `coreplus-uploader retry`.")
+        elif isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+            await self._defer(row, exc)
+        else:
+            raise exc
+
+    async def _defer(self, row: FileRow, exc: Exception) -> None:
+        upload = self.rt.config.upload
+        retry_after = getattr(exc, "retry_after_s", None)
+        delay = deferral_delay_s(row.deferrals, retry_after_s=retry_after,
+                                 backoff_max_s=upload.backoff_max_seconds)
+        row = await self.rt.ledger.update(
+            row.id, state=State.DEFERRED, deferrals=row.deferrals + 1, last_error=str(exc),
+            next_attempt_at=time.time() + delay)
+        self.counters.deferred += 1
+        self.rt.warn_once("upload.deferred", client=row.client_id, path=row.display_path,
+                          cause=str(exc), state=State.DEFERRED, attempt=row.attempts,
+                          next_attempt_in_seconds=round(delay, 1))
+
+    async def _uncertain(self, row: FileRow, exc: UncertainUploadError) -> None:
+        upload = self.rt.config.upload
+        hold = upload.on_uncertain == "hold"
+        delay = deferral_delay_s(row.deferrals, retry_after_s=None,
+                                 backoff_max_s=upload.backoff_max_seconds)
+        row = await self.rt.ledger.update(
+            row.id, state=State.HELD if hold else State.UNCERTAIN, possible_duplicate=1,
+            deferrals=row.deferrals + 1, last_error=str(exc),
+            next_attempt_at=None if hold else time.time() + delay)
+        self.counters.uncertain += 1
+        action = ("Check in coreplus whether the file arrived. If it did, run "
+                  "`coreplus-uploader forget` for it; if not, run `coreplus-uploader retry`."
+                  if hold else "It is sent again automatically; check coreplus for a second "
+                  "copy afterwards (`coreplus-uploader status` lists possible duplicates).")
+        log.warning("upload.uncertain", client=row.client_id, path=row.display_path,
+                    size=row.size, attempt=row.attempts, error=str(exc), state=row.state,
+                    message="The file was sent but no valid answer came back, so coreplus "
+                    "may or may not have stored it.", action=action)
+
+    async def _reject(self, row: FileRow, exc: PermanentUploadError) -> None:
+        detail = f"coreplus answered HTTP {exc.status}"
+        body = (exc.body or "").strip()
+        reason = f"coreplus rejected the upload with HTTP {exc.status}." + (
+            f" Its answer was: {body[:1000]}" if body else "")
+        self.counters.failed += 1
+        await self.rt.fail_file(
+            row, error=detail, reason=reason,
+            action="Check the file and the client's folder name. To try again, move the "
+            "file back into the client's folder.")
+        await self.gate.note_rejection(row.client_id, exc)
+
+    # -- after the upload ----------------------------------------------------------
+
+    async def _dispose(self, row: FileRow) -> None:
+        """Apply upload.after_success; a failed move is retried later, never re-uploaded."""
+        upload = self.rt.config.upload
+        src = self.rt.root / row.rel_path_str
+        try:
+            if upload.after_success == "archive":
+                assert upload.archive_dir is not None
+                final = await asyncio.to_thread(
+                    disposal.archive_file, src, row.rel_path_str, upload.archive_dir,
+                    staff_group=upload.staff_group)
+                await self.rt.ledger.update(row.id, disposition=DISPOSITION_ARCHIVED,
+                                            final_path=str(final))
+            elif upload.after_success == "delete":
+                await asyncio.to_thread(disposal.delete_file, src)
+                await self.rt.ledger.update(row.id, disposition=DISPOSITION_DELETED)
+            else:
+                await self.rt.ledger.update(row.id, disposition=DISPOSITION_KEPT)
+        except FileNotFoundError:
+            await self.rt.ledger.update(row.id, disposition=DISPOSITION_DELETED)
+        except OSError as exc:
+            await self.rt.ledger.update(row.id, disposition=DISPOSITION_PENDING)
+            self.rt.warn_once(
+                "move.failed", client=row.client_id, path=row.display_path, cause=str(exc),
+                state=row.state, message="The file is in coreplus, but it could not be moved "
+                "out of the drop folder. It will not be uploaded again.",
+                action="Free space or fix permissions on the archive folder; the move is "
+                "retried automatically.")
+
+    async def retry_pending_moves(self) -> None:
+        """Try again to archive or delete files whose move failed earlier."""
+        for row in await self.rt.ledger.pending_dispositions():
+            if self.rt.stopping.is_set():
+                return
+            await self._dispose(row)
+
+    def _check_clock(self, result: UploadResult | None = None) -> None:
+        server_date = result.server_date if result is not None else self.client.last_server_date
+        if server_date is None:
+            return
+        skew = server_date.timestamp() - datetime.now(UTC).timestamp()
+        # The Date header has one-second resolution, so allow for that on top.
+        if abs(skew) > CLOCK_SKEW_WARN_S + 1:
+            self.rt.warn_once("clock.skew", client=None, path=None,
+                              cause=f"{skew:+.0f} s", skew_seconds=round(skew, 1),
+                              message="This server's clock differs from coreplus's clock by "
+                              f"{abs(skew):.0f} seconds; tokens may be refused.",
+                              action="Enable time synchronisation (timedatectl "
+                              "set-ntp true).")
+
+
+def _display_name(row: FileRow) -> str:
+    from uploader.multipart import display_name
+
+    return display_name(os.path.basename(row.rel_path))
