@@ -1,0 +1,327 @@
+"""
+The daemon's lifecycle: start-up, the long-running loops, and an orderly shutdown.
+
+Start-up takes the ledger lock, opens the ledger, marks uploads left in flight by a
+crash as ``uncertain``, scans the drop root, and starts the watcher. Shutdown stops new
+work, lets in-flight uploads finish within ``upload.shutdown_grace_seconds``, and leaves
+everything else ``queued`` for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from uploader.client import ApiSettings, CoreplusClient, create_session
+from uploader.config import Config, load_clients
+from uploader.constants import ExitCode, State
+from uploader.context import AsyncLedger, Runtime
+from uploader.credentials import Credentials
+from uploader.exceptions import ConfigError
+from uploader.folders import IgnoreRules
+from uploader.gate import ServiceGate
+from uploader.intake import Intake
+from uploader.ledger import Ledger, LedgerLock
+from uploader.ratelimit import RateLimiter
+from uploader.uploads import Uploader
+from uploader.watcher import watch_changes
+
+log = structlog.get_logger("uploader.daemon")
+
+#: How long to wait before looking again for a missing drop root or a failed watcher.
+_ROOT_RETRY_S = 5.0
+
+#: How often archive moves that failed earlier are tried again.
+_MOVE_RETRY_S = 60.0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """
+    How the daemon runs: for ever (``run``) or one pass (``import``).
+
+    Attributes:
+        oneshot: Scan once, upload, and return instead of watching.
+        import_timeout_s: In one-pass mode, how long to wait for deferred files.
+        handle_signals: Install SIGTERM, SIGINT and SIGHUP handlers.
+        on_progress: Called about twice a second in one-pass mode with the uploader.
+    """
+
+    oneshot: bool = False
+    import_timeout_s: float = 600.0
+    handle_signals: bool = True
+    on_progress: Callable[[Uploader, int], None] | None = None
+
+
+def api_settings(config: Config) -> ApiSettings:
+    """Map the ``[api]`` table onto the HTTP client's settings."""
+    api = config.api
+    return ApiSettings(
+        base_url=api.base_url, version=api.version,
+        client_list_version=api.client_list_version, issuer=api.issuer,
+        audience=api.audience, clock_leeway_s=api.clock_leeway_seconds,
+        connect_timeout_s=api.connect_timeout_seconds,
+        idle_timeout_s=api.idle_timeout_seconds, ca_file=api.ca_file, proxy=api.proxy)
+
+
+class Daemon:
+    """
+    Watch the drop root and upload every settled file once.
+
+    Args:
+        config: The loaded configuration.
+        credentials: The consumer secret and access token.
+        options: Daemon or one-pass mode, and signal handling.
+    """
+
+    def __init__(self, config: Config, credentials: Credentials,
+                 options: RunOptions | None = None) -> None:
+        self.config = config
+        self.credentials = credentials
+        self.options = options or RunOptions()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._force = False
+        self.files_found = 0
+        self._lock = LedgerLock(config.ledger.path)
+
+    async def run(self) -> int:
+        """
+        Run until stopped (or, in one-pass mode, until done) and return the exit code.
+
+        Raises:
+            LedgerError: the ledger is locked, damaged or cannot be opened.
+        """
+        self.config.ledger.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            ledger = Ledger.open(self.config.ledger.path)
+        except BaseException:
+            self._lock.release()
+            raise
+        self.rt = Runtime(self.config, AsyncLedger(ledger), self.config.clients,
+                          IgnoreRules(self.config.watch.ignore))
+        try:
+            return await self._run_started(ledger)
+        finally:
+            self.rt.ledger.close()
+            self._lock.release()
+
+    async def _run_started(self, ledger: Ledger) -> int:
+        rt = self.rt
+        config = self.config
+        session = create_session(api_settings(config),
+                                 connection_limit=config.upload.workers + 2)
+        try:
+            limiter = RateLimiter(config.api.max_requests_per_second)
+            client = CoreplusClient(session, api_settings(config), self.credentials, limiter)
+            self.gate = ServiceGate(rt, client.probe, config.api.auth_probe_seconds,
+                                    config.api.base_url)
+            self.uploader = Uploader(rt, client, self.gate)
+            self.intake = Intake(rt)
+            await self._startup(ledger)
+            code = await self._main()
+            await self._shutdown()
+            return code
+        finally:
+            await session.close()
+
+    # -- phases --------------------------------------------------------------------
+
+    async def _startup(self, ledger: Ledger) -> None:
+        rt = self.rt
+        if self.options.handle_signals:
+            self._install_signals()
+        hold = self.config.upload.on_uncertain == "hold"
+        recovered = await rt.ledger.recover_interrupted(hold=hold)
+        for row in recovered:
+            log.warning("upload.uncertain", client=row.client_id, path=row.display_path,
+                        state=State.HELD if hold else State.UNCERTAIN,
+                        message="The daemon stopped while this upload was in flight, so "
+                        "coreplus may already hold the file.",
+                        action="Check coreplus for a second copy after it goes up again.")
+        await rt.ledger.set_status(pid=str(os.getpid()), started_at=str(time.time()),
+                                   paused=None, paused_action=None)
+        log.info("daemon.started", pid=os.getpid(), root=str(rt.root),
+                 ledger=str(self.config.ledger.path), new_ledger=ledger.created,
+                 workers=self.config.upload.workers, oneshot=self.options.oneshot,
+                 credentials=self.credentials.source)
+        if ledger.created:
+            log.warning("daemon.started", message=f"Started a new, empty ledger at "
+                        f"{self.config.ledger.path}.", action="If a ledger existed before, "
+                        "stop the daemon and restore it, or files kept in drop folders may "
+                        "go up again.")
+
+    async def _main(self) -> int:
+        rt = self.rt
+        self._spawn(self.intake.settle_loop())
+        self._spawn(self.uploader.dispatch_loop())
+        if not await self._initial_scan():
+            return ExitCode.OK
+        if self.options.oneshot:
+            return await self._until_done()
+        self._spawn(self._watch_loop())
+        self._spawn(self._every(self.config.watch.rescan_seconds, self._rescan))
+        self._spawn(self._every(_MOVE_RETRY_S, self.uploader.retry_pending_moves))
+        await rt.stopping.wait()
+        return ExitCode.OK
+
+    async def _shutdown(self) -> None:
+        rt = self.rt
+        in_flight = list(self.uploader.in_flight.values())
+        log.info("daemon.stopping", in_flight=len(in_flight),
+                 grace_seconds=self.config.upload.shutdown_grace_seconds)
+        self.uploader.stop_accepting()
+        rt.stopping.set()
+        if in_flight and not self._force:
+            await asyncio.wait(in_flight, timeout=self.config.upload.shutdown_grace_seconds)
+        leftover = [t for t in self.uploader.in_flight.values() if not t.done()]
+        for task in leftover:
+            task.cancel()
+        await asyncio.gather(*leftover, return_exceptions=True)
+        await self.intake.drain()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.gate.close()
+        await rt.ledger.set_status(pid=None)
+        counts = self.uploader.counters
+        log.info("daemon.stopped", cancelled=len(leftover), uploaded=counts.uploaded,
+                 duplicates=counts.duplicate, failed=counts.failed)
+
+    # -- scanning and watching -----------------------------------------------------
+
+    async def _initial_scan(self) -> bool:
+        """Scan once the root exists; returns False when stopped while waiting."""
+        while not self.rt.stopping.is_set():
+            try:
+                self.files_found = await self.intake.scan()
+            except OSError as exc:
+                self.rt.warn_once(
+                    "scan.finished", client=None, path=str(self.rt.root), cause=str(exc),
+                    message=f"The drop root {self.rt.root} cannot be read, so nothing can "
+                    "be uploaded yet. The daemon keeps checking.",
+                    action="Check that the share is mounted and watch.root is right.")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.rt.stopping.wait(), _ROOT_RETRY_S)
+                continue
+            await self._vanish_unseen_waiting()
+            log.info("scan.finished", files=self.files_found, tracked=len(self.intake.tracked))
+            return True
+        return False
+
+    async def _vanish_unseen_waiting(self) -> None:
+        """Rows left ``waiting`` whose file is gone were removed while we were down."""
+        for row in await self.rt.ledger.rows_in_state(State.WAITING):
+            if row.rel_path_str not in self.intake.tracked:
+                if not (self.rt.root / row.rel_path_str).exists():
+                    await self.rt.ledger.update(row.id, state=State.VANISHED)
+
+    async def _rescan(self) -> None:
+        self._reload_clients()
+        try:
+            self.files_found = await self.intake.scan()
+        except OSError as exc:
+            self.rt.warn_once("scan.finished", client=None, path=str(self.rt.root),
+                              cause=str(exc))
+            return
+        self.rt.repeats.clear("scan.finished", None, str(self.rt.root))
+        log.debug("scan.finished", files=self.files_found)
+
+    async def _watch_loop(self) -> None:
+        rt = self.rt
+        restarted = False
+        while not rt.stopping.is_set():
+            try:
+                if restarted:
+                    await self.intake.scan()
+                    log.info("watcher.restarted", root=str(rt.root))
+                async for changes in watch_changes(
+                        rt.root, stop_event=rt.stopping,
+                        force_polling=self.config.watch.force_polling,
+                        on_fallback=self._on_watch_fallback):
+                    await self.intake.handle_changes(changes)
+            except (OSError, RuntimeError) as exc:
+                rt.warn_once("watcher.restarted", client=None, path=str(rt.root),
+                             cause=str(exc), message="The folder watcher stopped; the daemon "
+                             "restarts it once the drop root is back.",
+                             action="Check that the drop root is mounted.")
+            restarted = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.stopping.wait(), _ROOT_RETRY_S)
+
+    def _on_watch_fallback(self, exc: BaseException) -> None:
+        log.warning("watcher.restarted", error=str(exc), polling=True,
+                    message="The kernel's limit on inotify watches is used up, so the daemon "
+                    "switched to polling, which costs more CPU.",
+                    action="Raise the sysctl fs.inotify.max_user_watches (for example to "
+                    "524288 in /etc/sysctl.d/90-inotify.conf) and restart the daemon.")
+
+    # -- one-pass mode ---------------------------------------------------------------
+
+    async def _until_done(self) -> int:
+        deadline = time.monotonic() + self.options.import_timeout_s
+        include_uncertain = self.config.upload.on_uncertain == "retry"
+        while not self.rt.stopping.is_set():
+            if self.options.on_progress is not None:
+                self.options.on_progress(self.uploader, self.files_found)
+            counts = await self.rt.ledger.count_by_state()
+            busy = self.intake.busy or self.uploader.in_flight or counts.get(State.QUEUED)
+            waiting_retry = counts.get(State.DEFERRED, 0) + (
+                counts.get(State.UNCERTAIN, 0) if include_uncertain else 0)
+            if not busy and not self.gate.paused and not waiting_retry:
+                return ExitCode.FILES_FAILED if self.uploader.counters.failed else ExitCode.OK
+            if time.monotonic() >= deadline:
+                return ExitCode.TEMPORARY
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.rt.stopping.wait(), 0.5)
+        return ExitCode.TEMPORARY
+
+    # -- signals and helpers ---------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_clients)
+
+    def request_stop(self) -> None:
+        """Stop taking new work; a second request cancels in-flight uploads at once."""
+        if self.rt.stopping.is_set():
+            self._force = True
+            for task in self.uploader.in_flight.values():
+                task.cancel()
+            return
+        self.uploader.stop_accepting()
+        self.rt.stopping.set()
+
+    def _reload_clients(self) -> None:
+        try:
+            aliases = load_clients(self.config.path)
+        except ConfigError as exc:
+            log.error("config.reloaded", error=str(exc), message="The [clients] table could "
+                      "not be reloaded; the previous aliases stay in use.",
+                      action="Fix the configuration file and reload again.")
+            return
+        if aliases != self.rt.aliases:
+            self.rt.aliases = aliases
+            log.info("config.reloaded", clients=len(aliases))
+
+    async def _every(self, interval_s: float, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        while not self.rt.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.rt.stopping.wait(), interval_s)
+                return
+            await job()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
