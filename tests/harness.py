@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 from uploader.config import Config, load_config
 from uploader.credentials import Credentials
 from uploader.daemon import Daemon, RunOptions
+from uploader.exceptions import LedgerError
 from uploader.ledger import FileRow, Ledger
 from uploader.standin import DEMO_CLIENTS, StandInSettings
 
@@ -57,9 +59,14 @@ class Setup:
         """Every ledger row, read with a separate connection."""
         if not self.ledger.exists():
             return []
-        ledger = Ledger.open(self.ledger, readonly=True)
+        try:
+            ledger = Ledger.open(self.ledger, readonly=True)
+        except LedgerError:
+            return []  # The daemon is still creating it.
         try:
             return list(ledger.all_rows())
+        except sqlite3.OperationalError:
+            return []  # Created but its tables are not written yet.
         finally:
             ledger.close()
 
@@ -145,12 +152,16 @@ class DaemonRunner:
 
 
 async def wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0,
-                     what: str = "condition") -> None:
-    """Poll ``predicate`` until it holds; fail the test with ``what`` on timeout."""
+                     what: str = "condition", describe: Callable[[], object] | None = None) -> None:
+    """
+    Poll ``predicate`` until it holds; on timeout fail the test naming ``what`` and
+    the output of ``describe``.
+    """
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            detail = f": {describe()}" if describe is not None else ""
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}{detail}")
         await asyncio.sleep(0.05)
 
 

@@ -188,13 +188,17 @@ async def test_transient_faults_then_one_upload(standin: StandIn,
     setup = setup_factory()
     await add_faults(standin.url, {"kind": "status", "status": 503, "retry_after": "1"},
                      {"kind": "reset_before_body"})
-    setup.drop("Alpha Person", "report.txt", b"report body")
+    # Large enough that the stand-in's reset arrives while the body is still being sent;
+    # a small body may already sit whole in the socket buffer, which is "uncertain".
+    body = os.urandom(24 * 1024 * 1024)
+    setup.drop("Alpha Person", "report.txt", body)
     async with DaemonRunner(setup):
         await wait_until(lambda: by_state(setup, State.UPLOADED), what="upload")
         got = await received(standin.url)
         counters = await stats(standin.url)
 
     assert len(got) == 1
+    assert await received_content(standin.url, got[0]["id"]) == body
     assert counters["by_status"].get("503") == 1
     row = setup.rows()[0]
     assert row.attempts == 3

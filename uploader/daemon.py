@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import time
+import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,12 @@ log = structlog.get_logger("uploader.daemon")
 
 #: How long to wait before looking again for a missing drop root or a failed watcher.
 _ROOT_RETRY_S = 5.0
+
+#: Head start given to the watcher before the first scan.
+_WATCH_START_S = 0.2
+
+#: Delay before the scan that follows a (re)started watcher.
+_CATCH_UP_SCAN_S = 2.0
 
 #: How often archive moves that failed earlier are tried again.
 _MOVE_RETRY_S = 60.0
@@ -163,11 +170,16 @@ class Daemon:
         rt = self.rt
         self._spawn(self.intake.settle_loop())
         self._spawn(self.uploader.dispatch_loop())
+        if not self.options.oneshot:
+            # Watch before the first scan: a file that lands between the scan and the
+            # watcher's start would otherwise wait for the next rescan.
+            self._spawn(self._watch_loop())
+            await asyncio.sleep(_WATCH_START_S)
         if not await self._initial_scan():
             return ExitCode.OK
         if self.options.oneshot:
             return await self._until_done()
-        self._spawn(self._watch_loop())
+        self._spawn(self._catch_up_scan())
         self._spawn(self._every(self.config.watch.rescan_seconds, self._rescan))
         self._spawn(self._every(_MOVE_RETRY_S, self.uploader.retry_pending_moves))
         await rt.stopping.wait()
@@ -241,13 +253,14 @@ class Daemon:
         while not rt.stopping.is_set():
             try:
                 if restarted:
-                    await self.intake.scan()
+                    rt.repeats.clear("watcher.restarted", None, str(rt.root))
                     log.info("watcher.restarted", root=str(rt.root))
+                    self._spawn(self._catch_up_scan())
                 async for changes in watch_changes(
                         rt.root, stop_event=rt.stopping,
                         force_polling=self.config.watch.force_polling,
                         on_fallback=self._on_watch_fallback):
-                    await self.intake.handle_changes(changes)
+                    await self._handle_changes(changes)
             except (OSError, RuntimeError) as exc:
                 rt.warn_once("watcher.restarted", client=None, path=str(rt.root),
                              cause=str(exc), message="The folder watcher stopped; the daemon "
@@ -256,6 +269,25 @@ class Daemon:
             restarted = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rt.stopping.wait(), _ROOT_RETRY_S)
+
+    async def _catch_up_scan(self) -> None:
+        """
+        Scan again shortly after the watcher (re)started, for files that arrived while
+        it was setting up its watches.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.rt.stopping.wait(), _CATCH_UP_SCAN_S)
+            return
+        await self._rescan()
+
+    async def _handle_changes(self, changes: set[Any]) -> None:
+        try:
+            await self.intake.handle_changes(changes)
+        except Exception as exc:  # One bad batch must not stop the watcher.
+            log.error("watcher.restarted", error=f"{type(exc).__name__}: {exc}",
+                      traceback=traceback.format_exc(),
+                      message="Handling a batch of folder changes failed; the next rescan "
+                      "picks up anything missed.", action="Report this log line.")
 
     def _on_watch_fallback(self, exc: BaseException) -> None:
         log.warning("watcher.restarted", error=str(exc), polling=True,

@@ -90,6 +90,7 @@ class Intake:
         self.tracked: dict[str, TrackedFile] = {}
         self.due: dict[str, float] = {}
         self._hashing: set[str] = set()
+        self._claiming: set[str] = set()
         self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
         self._tasks: set[asyncio.Task[None]] = set()
         self.unmapped_seen: set[bytes] = set()
@@ -175,20 +176,26 @@ class Intake:
             settle.touch(tracked, now)
             self.due[rel] = now + self.rules.settle_s
             return
-        if rel in self._hashing:
+        if rel in self._hashing or rel in self._claiming:
+            # Another scan or event is already looking this path up in the ledger; a
+            # second lookup could insert the same version twice.
             return
-        row = await self.rt.ledger.find_live(os.fsencode(rel))
-        row = await self._reconcile(row, rel, snap)
-        if row is False:
-            return
-        if row is None:
-            row = await self.rt.ledger.insert_waiting(
-                rel_path=os.fsencode(rel), display_path=_display(rel), drop_folder=folder,
-                client_id=client_id, size=snap.size, mtime_ns=snap.mtime_ns,
-                ctime_ns=snap.ctime_ns)
-            log.info("file.detected", client=client_id, path=row.display_path,
-                     size=snap.size)
-        self._start_tracking(rel, row, snap, now)
+        self._claiming.add(rel)
+        try:
+            row = await self.rt.ledger.find_live(os.fsencode(rel))
+            row = await self._reconcile(row, rel, snap)
+            if row is False:
+                return
+            if row is None:
+                row = await self.rt.ledger.insert_waiting(
+                    rel_path=os.fsencode(rel), display_path=_display(rel), drop_folder=folder,
+                    client_id=client_id, size=snap.size, mtime_ns=snap.mtime_ns,
+                    ctime_ns=snap.ctime_ns)
+                log.info("file.detected", client=client_id, path=row.display_path,
+                         size=snap.size)
+            self._start_tracking(rel, row, snap, time.monotonic())
+        finally:
+            self._claiming.discard(rel)
 
     async def _reconcile(self, row: FileRow | None, rel: str,
                          snap: StatSnapshot) -> FileRow | None | bool:
