@@ -334,6 +334,14 @@ class Ledger:
         )
         return int(cur.fetchone()[0])
 
+    def recent(self, *states: str, limit: int = 10) -> list[FileRow]:
+        """The rows in ``states`` changed most recently, newest first."""
+        marks = ", ".join("?" for _ in states)
+        cur = self._db.execute(
+            f"SELECT {_COLUMNS} FROM files WHERE state IN ({marks}) "
+            "ORDER BY updated_at DESC LIMIT ?", (*states, limit))
+        return [_row(r) for r in cur]  # type: ignore[misc]
+
     def possible_duplicates(self) -> list[FileRow]:
         """Rows flagged because the service may hold a second copy."""
         cur = self._db.execute(

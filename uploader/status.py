@@ -77,6 +77,7 @@ def collect(ledger_path: Path) -> dict[str, Any]:
             "unmapped": [{**u, "first_seen_at": local_time(u["first_seen_at"]),  # type: ignore[arg-type]
                           "last_seen_at": local_time(u["last_seen_at"])}  # type: ignore[arg-type]
                          for u in ledger.unmapped()],
+            "recent": [_file_entry(r) for r in ledger.recent(State.UPLOADED, State.DUPLICATE)],
             "possible_duplicates": [_file_entry(r) for r in ledger.possible_duplicates()],
             "generated_at": local_time(time.time()),
         }
@@ -103,6 +104,11 @@ def render_text(report: dict[str, Any]) -> str:
                  f"total; {counts['duplicate']} duplicates skipped.")
     for state in ("failed", "held", "uncertain", "deferred", "waiting", "queued", "uploading"):
         _render_files(lines, state, report["files"][state])
+    if report["recent"]:
+        lines.append("")
+        lines.append("Recent uploads:")
+        for entry in report["recent"]:
+            lines.append(f"  {entry['updated_at']}  {entry['state']:<9}  {entry['path']}")
     if report["unmapped"]:
         lines.append("")
         lines.append("Unmapped (nothing is uploaded from these until they map to a client):")
