@@ -5,6 +5,9 @@ Shared pytest fixtures.
 from __future__ import annotations
 
 import secrets
+import shutil
+import subprocess
+from types import SimpleNamespace
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -40,3 +43,24 @@ async def standin(standin_settings: StandInSettings) -> AsyncIterator[StandIn]:
 
 
 # --- end of stand-in fixtures --------------------------------------------------
+
+
+# --- shared certificates -------------------------------------------------------
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> SimpleNamespace:
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return SimpleNamespace(cert=cert, key=key)

@@ -10,10 +10,8 @@ import dataclasses
 import email.utils
 import hashlib
 import os
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
@@ -771,24 +769,6 @@ def test_session_missing_ca_file(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="missing-ca.pem"):
         create_session(settings, connection_limit=1)
-
-
-@pytest.fixture
-def tls_files(tmp_path: Path) -> SimpleNamespace:
-    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-            "-addext", "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return SimpleNamespace(cert=cert, key=key)
 
 
 async def test_tls_untrusted_paused(

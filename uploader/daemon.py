@@ -261,11 +261,14 @@ class Daemon:
                         force_polling=self.config.watch.force_polling,
                         on_fallback=self._on_watch_fallback):
                     await self._handle_changes(changes)
-            except (OSError, RuntimeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the watcher must always come back
+                # watchfiles raises its own Rust-side errors, some inside an ExceptionGroup
+                # (for example for a file name that is not valid UTF-8), so catch broadly.
                 rt.warn_once("watcher.restarted", client=None, path=str(rt.root),
-                             cause=str(exc), message="The folder watcher stopped; the daemon "
-                             "restarts it once the drop root is back.",
-                             action="Check that the drop root is mounted.")
+                             cause=_describe_watch_error(exc),
+                             message="The folder watcher stopped; the daemon restarts it and "
+                             "rescans, so no file is missed.",
+                             action="If this repeats, check that the drop root is mounted.")
             restarted = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rt.stopping.wait(), _ROOT_RETRY_S)
@@ -357,3 +360,10 @@ class Daemon:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _describe_watch_error(exc: BaseException) -> str:
+    """One line for a watcher error, unwrapping the ExceptionGroup anyio raises."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"

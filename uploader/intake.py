@@ -139,7 +139,7 @@ class Intake:
         """Filter one path and start or refresh its tracking."""
         rt = self.rt
         if rt.ignore.is_ignored(rel):
-            log.debug("file.ignored", path=rel)
+            log.debug("file.ignored", path=_display(rel))
             return
         try:
             st = os.lstat(rt.root / rel)

@@ -375,8 +375,8 @@ class Ledger:
                 "INSERT INTO files (rel_path, display_path, drop_folder, client_id, size, "
                 "mtime_ns, ctime_ns, state, first_seen_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (rel_path, display_path, drop_folder, client_id, size, mtime_ns, ctime_ns,
-                 State.WAITING, now, now),
+                (rel_path, _printable(display_path), _printable(drop_folder), client_id, size,
+                 mtime_ns, ctime_ns, State.WAITING, now, now),
             )
             row_id = cur.lastrowid
         row = self.get(int(row_id or 0))
@@ -391,6 +391,7 @@ class Ledger:
         unknown = set(values) - {f.name for f in fields(FileRow)}
         if unknown:
             raise ValueError(f"unknown ledger columns: {sorted(unknown)}")
+        values = {name: _printable(value) for name, value in values.items()}
         assignments = ", ".join(f"{name} = ?" for name in values)
         with self._tx() as db:
             db.execute(
@@ -463,7 +464,7 @@ class Ledger:
                 return False
             db.execute(
                 "INSERT INTO unmapped VALUES (?, ?, ?, ?, ?)",
-                (rel_path, display_path, problem, now, now),
+                (rel_path, _printable(display_path), _printable(problem), now, now),
             )
         return True
 
@@ -565,6 +566,17 @@ def _is_disk_full(exc: sqlite3.OperationalError) -> bool:
     return "full" in text or getattr(exc, "sqlite_errorcode", None) == 13 or (
         getattr(exc, "errno", None) == errno.ENOSPC
     )
+
+
+def _printable(value: object) -> object:
+    """
+    Text columns hold UTF-8, so undecodable bytes that os.fsdecode turned into surrogate
+    escapes (in paths and error messages) are stored as U+FFFD; raw path bytes live in
+    ``rel_path`` only.
+    """
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
 
 
 def _row(raw: tuple[object, ...] | None) -> FileRow | None:

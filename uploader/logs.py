@@ -35,6 +35,17 @@ def _add_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
+def _replace_surrogates(
+    _: Any, __: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # File names that are not valid UTF-8 reach us as surrogate escapes, which a UTF-8
+    # stream refuses to write; show each bad byte as U+FFFD instead of losing the line.
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return event
+
+
 class NameHider:
     """
     Replace file and folder names in log fields with a keyed hash, so logs can still
@@ -82,6 +93,7 @@ def configure_logging(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         _add_timestamp,
+        _replace_surrogates,
     ]
     if hide_key is not None:
         processors.append(NameHider(hide_key))

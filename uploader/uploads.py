@@ -147,6 +147,18 @@ class Uploader:
                 "hold the file.")
 
     async def _unexpected(self, row: FileRow, exc: Exception) -> None:
+        current = await self.rt.ledger.get(row.id)
+        if current is not None and current.state in (State.UPLOADED, State.DUPLICATE):
+            # The upload itself is recorded; only the step after it failed. Holding the
+            # row would invite a second upload, so leave it and retry the move later.
+            await self.rt.ledger.update(row.id, disposition=DISPOSITION_PENDING)
+            log.error("move.failed", client=row.client_id, path=row.display_path,
+                      error=f"{type(exc).__name__}: {exc}", state=current.state,
+                      traceback="".join(traceback.format_exception(exc)),
+                      message="The file is in coreplus, but moving it out of the drop folder "
+                      "failed unexpectedly. It will not be uploaded again.",
+                      action="Report the error with this log line.")
+            return
         log.error("upload.held", client=row.client_id, path=row.display_path,
                   error=f"{type(exc).__name__}: {exc}", state=State.HELD,
                   traceback="".join(traceback.format_exception(exc)),
@@ -380,7 +392,11 @@ class Uploader:
         for row in await self.rt.ledger.pending_dispositions():
             if self.rt.stopping.is_set():
                 return
-            await self._dispose(row)
+            try:
+                await self._dispose(row)
+            except Exception as exc:  # noqa: BLE001 - one bad row must not stop the others
+                self.rt.warn_once("move.failed", client=row.client_id, path=row.display_path,
+                                  cause=f"{type(exc).__name__}: {exc}", level="error")
 
     def _check_clock(self, result: UploadResult | None = None) -> None:
         server_date = result.server_date if result is not None else self.client.last_server_date
