@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -21,14 +22,17 @@ from uploader.standin import StandIn, StandInSettings
 FOLDERS = [f"Client {index} [{client_id}]" for index, client_id in enumerate(CLIENT_IDS)]
 
 
-async def write_slowly(path: Path, data: bytes, pieces: int = 4, pause_s: float = 0.3) -> None:
-    """Write a file in pieces, as a network copy or a scanner would."""
+def write_slowly(path: Path, data: bytes, pieces: int = 4, pause_s: float = 0.3) -> None:
+    """
+    Write a file in pieces, as a network copy or a scanner would. It runs in a thread so
+    a busy event loop cannot stretch the pauses past the settle time.
+    """
     step = max(1, len(data) // pieces)
     with open(path, "wb") as out:
         for start in range(0, len(data), step):
             out.write(data[start:start + step])
             out.flush()
-            await asyncio.sleep(pause_s)
+            time.sleep(pause_s)
 
 
 async def write_then_rename(path: Path, data: bytes) -> None:
@@ -45,7 +49,7 @@ async def test_200_files_each_pair_once(tmp_path: Path, standin: StandIn,
                                         standin_settings: StandInSettings) -> None:
     """Every distinct (client, bytes) pair goes up once, exact; every repeat is a duplicate."""
     setup = make_setup(tmp_path, standin.url, standin_settings,
-                       watch={"settle_seconds": 1.0})
+                       watch={"settle_seconds": 1.5})
     rng = random.Random(7)
     shared = [os.urandom(rng.randint(1, 50_000)) for _ in range(10)]
     plan: list[tuple[int, str, bytes, str]] = []
@@ -60,7 +64,7 @@ async def test_200_files_each_pair_once(tmp_path: Path, standin: StandIn,
             path = setup.root / FOLDERS[folder] / name
             path.parent.mkdir(exist_ok=True)
             if how == "slow":
-                writers.append(asyncio.create_task(write_slowly(path, data)))
+                writers.append(asyncio.create_task(asyncio.to_thread(write_slowly, path, data)))
             elif how == "rename":
                 writers.append(asyncio.create_task(write_then_rename(path, data)))
             else:

@@ -22,6 +22,7 @@ import ipaddress
 import json
 import math
 import re
+import shlex
 import tomllib
 import types
 import typing
@@ -164,6 +165,36 @@ class LogConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AlertConfig:
+    """
+    The ``[alert]`` table: how a person is told that uploads need attention.
+    """
+
+    command: str | None = None
+    """Program and arguments, split as a POSIX shell splits words but run without a
+    shell; it gets the alert text on standard input. None runs nothing."""
+    smtp_host: str | None = None
+    """Mail server for alert e-mails; None sends no e-mail."""
+    smtp_port: int = 587
+    """Mail server port: 587 for STARTTLS, 465 for TLS, 25 for a plain relay."""
+    smtp_security: Literal["starttls", "tls", "none"] = "starttls"
+    """How the connection to the mail server is protected."""
+    smtp_user: str | None = None
+    """Login name at the mail server; None sends without logging in."""
+    smtp_password_file: Path | None = None
+    """File containing the mail password; mode 600, set together with ``smtp_user``."""
+    smtp_timeout_seconds: float = 30.0
+    """Maximum wait for the mail server at each step."""
+    email_from: str | None = None
+    """Sender address of alert e-mails; required with ``smtp_host``."""
+    email_to: tuple[str, ...] = ()
+    """Recipient addresses; required with ``smtp_host``."""
+    disk_min_free_percent: float = 5.0
+    """Alert when a filesystem the daemon writes to has less free space than this
+    share of its size; 0 turns the check off."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """
     The whole validated configuration.
@@ -174,6 +205,8 @@ class Config:
     upload: UploadConfig
     ledger: LedgerConfig
     log: LogConfig
+    alert: AlertConfig = field(default_factory=AlertConfig)
+    """The ``[alert]`` table; every key is optional."""
     clients: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
     """Read-only map of normalised alias to lower-case client GUID."""
     path: Path
@@ -186,6 +219,7 @@ _TABLES: dict[str, type[Any]] = {
     "upload": UploadConfig,
     "ledger": LedgerConfig,
     "log": LogConfig,
+    "alert": AlertConfig,
 }
 _KNOWN_TABLES = (*_TABLES, "clients")
 
@@ -195,8 +229,15 @@ _MINIMUMS: dict[str, int] = {
     "upload.max_attempts": 1,
     # A probe every 0 s would hammer a service that has just rejected us.
     "api.auth_probe_seconds": 1,
+    "alert.smtp_port": 1,
+    # A mail server that may take 0 s per step could never answer.
+    "alert.smtp_timeout_seconds": 1,
 }
-_MAXIMUMS: dict[str, int] = {"api.clock_leeway_seconds": MAX_CLOCK_LEEWAY_S}
+_MAXIMUMS: dict[str, int] = {
+    "api.clock_leeway_seconds": MAX_CLOCK_LEEWAY_S,
+    "alert.smtp_port": 65535,
+    "alert.disk_min_free_percent": 100,
+}
 
 # Shown in the message for a missing required key.
 _EXAMPLES: dict[str, str] = {
@@ -301,11 +342,19 @@ def _expect_path(key: str, value: object, default: object, base_dir: Path) -> Pa
         ) from None
 
 
+# What each list-of-strings key holds, and an example, for its error message.
+_LIST_EXAMPLES: dict[str, tuple[str, str]] = {
+    "watch.ignore": ("glob patterns", '["*.bak", "Smith/private"]'),
+    "alert.email_to": ("e-mail addresses", '["it@clinic.example", "manager@clinic.example"]'),
+}
+
+
 def _expect_patterns(key: str, value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        what, example = _LIST_EXAMPLES.get(key, ("strings", '["..."]'))
         raise _invalid(
             key, value, "expected a list of non-empty strings",
-            f'Write a list of quoted glob patterns, e.g. {key} = ["*.bak", "Smith/private"].',
+            f"Write a list of quoted {what}, e.g. {key} = {example}.",
         )
     return tuple(value)
 
@@ -449,6 +498,46 @@ def _check_group(key: str, value: str) -> str:
     return value
 
 
+def _check_command(key: str, value: str) -> str:
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:
+        raise _invalid(
+            key, value, f"it cannot be split into words ({exc})",
+            "Close every quote; the command is split as a POSIX shell splits words.",
+        ) from None
+    if not words:
+        raise _invalid(key, value, "the command is empty", f"Write a program, or remove {key}.")
+    program = words[0]
+    if "/" in program and not program.startswith("/"):
+        raise _invalid(
+            key, value, f"the program {program} is a relative path",
+            "Write the program's absolute path, or a bare name found in PATH.",
+        )
+    return value
+
+
+def _check_host(key: str, value: str) -> str:
+    if any(char.isspace() for char in value) or "/" in value or ":" in value.strip("[]"):
+        raise _invalid(
+            key, value, "expected a host name or IP address only",
+            f'Write the name alone, e.g. {key} = "smtp.clinic.example"; the port is '
+            "alert.smtp_port.",
+        )
+    return value
+
+
+def _check_address(key: str, value: str) -> str:
+    local, at, domain = value.rpartition("@")
+    stray = any(char.isspace() or char in '<>,;"' for char in value)
+    if not at or not local or "." not in domain or stray:
+        raise _invalid(
+            key, value, "expected one e-mail address such as it@clinic.example",
+            "Write the bare address, without a display name or angle brackets.",
+        )
+    return value
+
+
 _VALUE_CHECKS: dict[str, Callable[[str, str], str]] = {
     "api.base_url": _check_base_url,
     "api.issuer": _check_http_url,
@@ -458,6 +547,9 @@ _VALUE_CHECKS: dict[str, Callable[[str, str], str]] = {
     "api.client_list_version": _check_version,
     "log.level": _check_level,
     "upload.staff_group": _check_group,
+    "alert.command": _check_command,
+    "alert.smtp_host": _check_host,
+    "alert.email_from": _check_address,
 }
 
 
@@ -557,6 +649,49 @@ def _check_cross_keys(api: ApiConfig, upload: UploadConfig) -> None:
         )
 
 
+def _check_alert_mail(alert: AlertConfig) -> None:
+    """Check that the e-mail keys of [alert] are complete and consistent."""
+    for address in alert.email_to:
+        _check_address("alert.email_to", address)
+    if alert.smtp_host is None:
+        for key, value in (
+            ("alert.email_to", alert.email_to),
+            ("alert.email_from", alert.email_from),
+            ("alert.smtp_user", alert.smtp_user),
+            ("alert.smtp_password_file", alert.smtp_password_file),
+        ):
+            if value:
+                raise ConfigError(
+                    f"{key} is set but alert.smtp_host is not, so no e-mail would be sent. "
+                    f"Set alert.smtp_host to the clinic's mail server, or remove {key}."
+                )
+        return
+    if not alert.email_to:
+        raise ConfigError(
+            "Missing required key alert.email_to: alert.smtp_host is set. Add it under "
+            f"[alert], e.g. email_to = {_LIST_EXAMPLES['alert.email_to'][1]}."
+        )
+    if alert.email_from is None:
+        raise ConfigError(
+            "Missing required key alert.email_from: alert.smtp_host is set. Add it under "
+            '[alert], e.g. email_from = "uploader@clinic.example".'
+        )
+    if (alert.smtp_user is None) != (alert.smtp_password_file is None):
+        present, absent = (
+            ("alert.smtp_user", "alert.smtp_password_file")
+            if alert.smtp_user is not None
+            else ("alert.smtp_password_file", "alert.smtp_user")
+        )
+        raise ConfigError(f"{present} is set but {absent} is not. Set both to log in to the "
+                          f"mail server, or remove {present} to send without logging in.")
+    if (alert.smtp_security == "none" and alert.smtp_user is not None
+            and not _is_loopback(alert.smtp_host)):
+        raise _invalid(
+            "alert.smtp_security", "none", f"the mail password would cross the network to "
+            f"{alert.smtp_host} unencrypted", 'Set alert.smtp_security to "starttls" or "tls".',
+        )
+
+
 # --- Clients ---
 
 
@@ -649,6 +784,7 @@ def load_config(path: Path | str) -> Config:
     base_dir = config_path.parent
     tables = {name: _read_table(name, document.get(name, {}), base_dir) for name in _TABLES}
     _check_cross_keys(tables["api"], tables["upload"])
+    _check_alert_mail(tables["alert"])
     _check_folders(tables["watch"], tables["upload"], tables["ledger"])
     return Config(
         **tables, clients=_read_clients(document.get("clients", {})), path=config_path

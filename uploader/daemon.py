@@ -31,6 +31,7 @@ from uploader.folders import IgnoreRules
 from uploader.gate import ServiceGate
 from uploader.intake import Intake
 from uploader.ledger import Ledger, LedgerLock
+from uploader.ops import Operations
 from uploader.ratelimit import RateLimiter
 from uploader.uploads import Uploader
 from uploader.watcher import watch_changes
@@ -133,6 +134,7 @@ class Daemon:
                                     config.api.base_url)
             self.uploader = Uploader(rt, client, self.gate)
             self.intake = Intake(rt)
+            self.ops = Operations(rt)
             await self._startup(ledger)
             code = await self._main()
             await self._shutdown()
@@ -171,15 +173,20 @@ class Daemon:
         self._spawn(self.intake.settle_loop())
         self._spawn(self.uploader.dispatch_loop())
         if not self.options.oneshot:
+            # STATUS=, the watchdog, alerts, the status file and pruning.
+            self._spawn(self.ops.run())
             # Watch before the first scan: a file that lands between the scan and the
             # watcher's start would otherwise wait for the next rescan.
             self._spawn(self._watch_loop())
             await asyncio.sleep(_WATCH_START_S)
         if not await self._initial_scan():
             return ExitCode.OK
+        self.ops.ready(self.files_found)
         if self.options.oneshot:
+            await self.uploader.retry_pending_moves()
             return await self._until_done()
         self._spawn(self._catch_up_scan())
+        self._spawn(self.uploader.retry_pending_moves())
         self._spawn(self._every(self.config.watch.rescan_seconds, self._rescan))
         self._spawn(self._every(_MOVE_RETRY_S, self.uploader.retry_pending_moves))
         await rt.stopping.wait()
@@ -187,6 +194,7 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         rt = self.rt
+        self.ops.stopping()
         in_flight = list(self.uploader.in_flight.values())
         log.info("daemon.stopping", in_flight=len(in_flight),
                  grace_seconds=self.config.upload.shutdown_grace_seconds)

@@ -407,6 +407,12 @@ class Ledger:
         Turn rows left ``uploading`` by a crash into ``uncertain`` (or ``held`` with the
         hold policy), flagged as possible duplicates: their body may have arrived.
         """
+        with self._tx() as db:
+            # Killed between the confirmed upload and the archive move: finish the move,
+            # never the upload.
+            db.execute(
+                "UPDATE files SET disposition = ? WHERE state IN (?, ?) AND disposition IS NULL",
+                (DISPOSITION_PENDING, State.UPLOADED, State.DUPLICATE))
         stuck = self.rows_in_state(State.UPLOADING)
         for row in stuck:
             self.update(

@@ -405,8 +405,10 @@ class Uploader:
         skew = server_date.timestamp() - datetime.now(UTC).timestamp()
         # The Date header has one-second resolution, so allow for that on top.
         if abs(skew) > CLOCK_SKEW_WARN_S + 1:
+            # The cause is the direction only, so a drifting value is not a new condition.
             self.rt.warn_once("clock.skew", client=None, path=None,
-                              cause=f"{skew:+.0f} s", skew_seconds=round(skew, 1),
+                              cause="ahead" if skew > 0 else "behind",
+                              skew_seconds=round(skew, 1),
                               message="This server's clock differs from coreplus's clock by "
                               f"{abs(skew):.0f} seconds; tokens may be refused.",
                               action="Enable time synchronisation (timedatectl "
