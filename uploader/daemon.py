@@ -301,6 +301,13 @@ class Daemon:
                       "picks up anything missed.", action="Report this log line.")
 
     def _on_watch_fallback(self, exc: BaseException) -> None:
+        if isinstance(exc, PermissionError):
+            log.warning("watcher.restarted", error=str(exc), polling=True,
+                        message="The folder watcher cannot read a folder under the drop "
+                        "root, so the daemon switched to polling, which skips that folder.",
+                        action="Give the service's group read access to every drop folder "
+                        "and restart the daemon.")
+            return
         log.warning("watcher.restarted", error=str(exc), polling=True,
                     message="The kernel's limit on inotify watches is used up, so the daemon "
                     "switched to polling, which costs more CPU.",

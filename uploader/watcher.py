@@ -138,8 +138,8 @@ async def watch_changes(
     """
     Yield batches of (change, relative path) under the root until ``stop_event`` is set.
 
-    When inotify cannot add a watch because ``fs.inotify.max_user_watches`` is used up,
-    it switches to polling and calls ``on_fallback`` once.
+    When inotify cannot add a watch, because ``fs.inotify.max_user_watches`` is used up
+    or a folder is not readable, it switches to polling and calls ``on_fallback`` once.
 
     Raises:
         FileNotFoundError: the root does not exist (the caller waits and restarts).
@@ -156,7 +156,10 @@ async def watch_changes(
                 step=_STEP_MS,
                 watch_filter=None,
                 recursive=True,
-                ignore_permission_denied=True,
+                # With inotify, errors must surface: watchfiles hides a used-up watch limit
+                # along with permission errors when told to ignore them. Polling has no
+                # limit, so there an unreadable folder is simply skipped.
+                ignore_permission_denied=polling,
             ):
                 batch = set()
                 for change, path in changes:
@@ -167,7 +170,7 @@ async def watch_changes(
                     yield batch
             return
         except OSError as exc:
-            if polling or not is_watch_limit_error(exc):
+            if polling or not (is_watch_limit_error(exc) or isinstance(exc, PermissionError)):
                 raise
             polling = True
             if on_fallback is not None:
