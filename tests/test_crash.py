@@ -121,3 +121,25 @@ async def test_busy_file_is_retried(standin: StandIn, setup: Setup) -> None:
     got = await received(standin.url)
     assert len(got) == 1
     assert Path(got[0]["stored_path"]).read_bytes() == b"locked by the scanner"
+
+
+async def test_changed_during_upload_goes_up_once(standin: StandIn, setup: Setup) -> None:
+    """A file rewritten while its body streams is aborted, settles again, and goes up once."""
+    first = os.urandom(4 * 1024 * 1024)
+    path = setup.drop("Alpha Person", "grow.bin", first)
+    # Slow every read of this file so the upload is still streaming when it changes.
+    daemon = await run_daemon(setup, "-P", str(path), "-e", "trace=read",
+                              "-e", "inject=read:delay_enter=150000")
+    await wait_until(lambda: any(r.state == State.UPLOADING for r in setup.rows()),
+                     timeout_s=30, what="upload in flight")
+    final = os.urandom(4 * 1024 * 1024)
+    with open(path, "r+b") as out:
+        out.write(final)
+    await wait_until(lambda: [r.state for r in setup.rows()] == [State.UPLOADED],
+                     timeout_s=60, what="upload of the new content")
+    await stop(daemon)
+
+    got = await received(standin.url)
+    assert len(got) == 1
+    assert Path(got[0]["stored_path"]).read_bytes() == final
+    assert setup.rows()[0].possible_duplicate == 0

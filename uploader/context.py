@@ -12,7 +12,7 @@ import asyncio
 import getpass
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -77,6 +77,8 @@ class Runtime:
     work_available: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     started_at: float = field(default_factory=time.time)
+    track_again: Callable[[str], Awaitable[None]] | None = None
+    """Hands a relative path back to the intake, for files that changed after queueing."""
 
     @property
     def root(self) -> Path:

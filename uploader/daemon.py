@@ -134,6 +134,7 @@ class Daemon:
                                     config.api.base_url)
             self.uploader = Uploader(rt, client, self.gate)
             self.intake = Intake(rt)
+            rt.track_again = self.intake.handle_path
             self.ops = Operations(rt)
             await self._startup(ledger)
             code = await self._main()

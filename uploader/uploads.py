@@ -222,8 +222,10 @@ class Uploader:
                                     next_attempt_at=None)
         log.info("file.changed", client=row.client_id, path=row.display_path,
                  state=State.WAITING)
-        # The intake picks it up from the watcher event, or at the next rescan.
-        self.rt.work_available.set()
+        # The watcher's event for this change arrived while the row was busy and was
+        # ignored, so hand the path back to the intake to settle it again.
+        if self.rt.track_again is not None:
+            await self.rt.track_again(row.rel_path_str)
 
     async def _is_duplicate(self, row: FileRow) -> bool:
         assert row.client_id is not None and row.sha256 is not None
