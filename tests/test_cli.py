@@ -160,3 +160,39 @@ async def test_ledger_files_are_private(standin: StandIn, setup: Setup) -> None:
     assert lock.stat().st_mode & 0o777 == 0o600
     with sqlite3.connect(setup.ledger) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_no_secret_in_output_or_ledger(standin: StandIn, setup: Setup,
+                                             standin_settings: StandInSettings) -> None:
+    """Debug logs, stderr and the ledger never contain the secret, access token or a token."""
+    setup.drop("Alpha Person", "x.txt", b"x")
+    await add_faults(standin.url, {"kind": "status", "status": 401})
+    process = await start_cli(setup, "run")
+    await wait_until(lambda: [r.state for r in setup.rows()] == [State.UPLOADED],
+                     timeout_s=30, what="upload after a pause")
+    process.send_signal(signal.SIGTERM)
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    ledger_bytes = b"".join(p.read_bytes() for p in setup.ledger.parent.glob("ledger.sqlite3*"))
+
+    for blob in (out, err, ledger_bytes):
+        assert standin_settings.secret.encode() not in blob
+        assert standin_settings.access_token.encode() not in blob
+        assert b"JwToken" not in blob
+        assert b"eyJ" not in blob  # the start of every JWT header
+
+
+async def test_force_polling_uploads(standin: StandIn, tmp_path: Path,
+                                     standin_settings: StandInSettings) -> None:
+    """With watch.force_polling the daemon still notices a dropped file and uploads it."""
+    polled = make_setup(tmp_path, standin.url, standin_settings,
+                        watch={"force_polling": True})
+    process = await start_cli(polled, "run")
+    await asyncio.sleep(1.0)
+    polled.drop("Alpha Person", "p.txt", b"polled")
+    await wait_until(lambda: [r.state for r in polled.rows()] == [State.UPLOADED],
+                     timeout_s=30, what="upload while polling")
+    process.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(process.communicate(), 30)
+
+    assert process.returncode == 0
+    assert len(await received(standin.url)) == 1
