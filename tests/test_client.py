@@ -23,8 +23,10 @@ import aiohttp
 import jwt
 import pytest
 
+from harness import DaemonRunner, make_setup, wait_until
 from standin_helpers import add_faults, received, received_content, stats
 from uploader.client import (
+    environment_proxy,
     ApiSettings,
     CoreplusClient,
     UploadRequest,
@@ -803,3 +805,35 @@ def test_errors_are_upload_errors() -> None:
         RetryableUploadError, UncertainUploadError, ServicePausedError, PermanentUploadError
     ):
         assert issubclass(error_class, UploadError)
+
+
+def test_environment_proxy_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTPS_PROXY applies to https URLs unless NO_PROXY names the host."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.clinic.example:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.example")
+    for name in ("https_proxy", "no_proxy", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+    assert environment_proxy("https://api.coreplus.com.au") == "http://proxy.clinic.example:3128"
+    assert environment_proxy("https://internal.example") is None
+    assert environment_proxy("http://127.0.0.1:8765") is None
+
+
+async def test_netrc_entry_does_not_break_upload(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, standin: StandIn,
+    standin_settings: StandInSettings,
+) -> None:
+    """A ~/.netrc with a default entry leaves the Authorization header and upload intact."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".netrc").write_text("default login someone password something\n")
+    (home / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / ".netrc"))
+    (tmp_path / "install").mkdir()
+    setup = make_setup(tmp_path / "install", standin.url, standin_settings)
+    setup.drop("Alpha Person", "n.txt", b"netrc")
+    async with DaemonRunner(setup):
+        await wait_until(lambda: [r.state for r in setup.rows()] == ["uploaded"], what="upload")
+
+    assert len(standin.state.received) == 1

@@ -294,7 +294,7 @@ class Alerter:
         message["Message-ID"] = make_msgid(domain=config.email_from.rpartition("@")[2])
         message.set_content(body)
         password = read_password(config.smtp_password_file)
-        with _connect(config) as server:
+        with connect_smtp(config) as server:
             if config.smtp_user is not None and password is not None:
                 server.login(config.smtp_user, password)
             server.send_message(message)
@@ -323,7 +323,14 @@ def read_password(path: Path | None) -> str | None:
     return path.read_text("utf-8").strip()
 
 
-def _connect(config: AlertConfig) -> smtplib.SMTP:
+def connect_smtp(config: AlertConfig) -> smtplib.SMTP:
+    """
+    Open a connection to ``alert.smtp_host``, with TLS or STARTTLS as configured.
+
+    Raises:
+        OSError: The connection or the TLS handshake failed.
+        smtplib.SMTPException: The server refused STARTTLS.
+    """
     assert config.smtp_host is not None
     timeout_s = config.smtp_timeout_seconds
     context = ssl.create_default_context()

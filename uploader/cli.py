@@ -31,7 +31,7 @@ NAME_KEY_FILE = "log-name-key"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every command."""
+    """Build the argument parser for every command."""
     parser = argparse.ArgumentParser(
         prog="coreplus-uploader",
         description="Upload documents dropped into per-client folders to coreplus.")
@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how long to wait for deferred files before exiting with 75 "
                      "(default: 600)")
     command("status", "show the daemon's state and every file that needs attention")
+    check = command("check", "check the configuration, permissions, ledger and clock")
+    check.add_argument("--online", action="store_true",
+                       help="also sign one request to coreplus, look up every mapped client "
+                       "id, and log in to the alert mail server")
+    check.add_argument("--unit", type=Path, metavar="FILE",
+                       help="systemd unit to compare with (default: the installed "
+                       "coreplus-uploader.service)")
     retry = command("retry", "put failed, deferred, held or uncertain files back in the queue")
     retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="ledger row ids")
     retry.add_argument("--all", action="store_true", help="every such file")
@@ -88,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from uploader import standin
 
         return standin.run_from_args(args)
+    if args.command == "check":
+        return _check(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -116,7 +125,7 @@ def _setup_logging(config: Config) -> None:
 
 
 def name_key(config: Config) -> bytes:
-    """The HMAC key for hidden file names, created owner-only beside the ledger."""
+    """Return the HMAC key for hidden file names, created owner-only beside the ledger."""
     path = config.ledger.path.parent / NAME_KEY_FILE
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
@@ -198,6 +207,18 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     else:
         sys.stdout.write(status.render_text(report))
     return ExitCode.OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    from uploader import check
+
+    report = check.run_check(args.config, online=args.online, unit_path=args.unit)
+    if args.json:
+        json.dump(report.as_json(), sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(check.render_text(report))
+    return report.exit_code()
 
 
 def _retry(args: argparse.Namespace, config: Config) -> int:

@@ -22,6 +22,8 @@ import email.utils
 import ipaddress
 import json
 import ssl
+import urllib.request
+from urllib.parse import urlsplit
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -215,15 +217,28 @@ def create_session(settings: ApiSettings, *, connection_limit: int) -> aiohttp.C
     connector = aiohttp.TCPConnector(
         limit=connection_limit, ssl=create_ssl_context(settings.ca_file)
     )
-    # NOTE: with trust_env aiohttp also reads ~/.netrc. A netrc entry for the service's
-    # host (or a "default" entry) makes aiohttp raise ValueError, because it refuses
-    # to combine netrc credentials with our Authorization header.
+    # trust_env stays off: besides the proxy variables it makes aiohttp read ~/.netrc,
+    # and a netrc entry for the service's host makes every request fail, because aiohttp
+    # will not combine netrc credentials with our Authorization header. The proxy from
+    # the environment is applied per request instead (see environment_proxy).
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
-        trust_env=settings.proxy is None,
+        trust_env=False,
         headers={"User-Agent": _USER_AGENT},
     )
+
+
+def environment_proxy(url: str) -> str | None:
+    """
+    Return the proxy that HTTPS_PROXY (or HTTP_PROXY for http URLs) names for ``url``,
+    or None when unset or when NO_PROXY excludes the URL's host.
+    """
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
+        return None
+    return proxies.get(parts.scheme)
 
 
 class CoreplusClient:
@@ -384,8 +399,9 @@ class CoreplusClient:
     def _request_options(self) -> dict[str, Any]:
         # A redirect would resend neither the body nor a token valid for the new URL.
         options: dict[str, Any] = {"allow_redirects": False}
-        if self._settings.proxy is not None:
-            options["proxy"] = self._settings.proxy
+        proxy = self._settings.proxy or environment_proxy(self._settings.base_url)
+        if proxy is not None:
+            options["proxy"] = proxy
         return options
 
     async def _read_upload_response(

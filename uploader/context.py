@@ -2,7 +2,7 @@
 State shared by the daemon's parts: configuration, the ledger, client aliases, the
 log limiter and the wake-up signal for workers.
 
-It also holds the small helpers that several parts need, such as resolving a path to
+It also contains the small helpers that several parts need, such as resolving a path to
 its client and moving a file to the failed folder, so that each is written once.
 """
 
@@ -86,7 +86,7 @@ class Runtime:
         return self.config.watch.root
 
     def resolve(self, rel_path: str) -> tuple[str | None, Resolution | None]:
-        """The drop folder of a relative path and the client its name gives."""
+        """Return the drop folder of a relative path and the client its name maps to."""
         folder, _ = split_drop_path(rel_path)
         if folder is None:
             return None, None
@@ -142,7 +142,7 @@ class Runtime:
 
 
 def daemon_user() -> str:
-    """The name of the user this process runs as, for permission messages."""
+    """Return the name of the user this process runs as, for permission messages."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):
@@ -150,7 +150,7 @@ def daemon_user() -> str:
 
 
 def reason_text(row: FileRow, *, error: str, reason: str, action: str) -> str:
-    """The text of ``<name>.reason.txt`` beside a failed file."""
+    """Compose the text of ``<name>.reason.txt`` beside a failed file."""
     when = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
     return (
         f"This file was not uploaded to coreplus.\n\n"

@@ -379,7 +379,7 @@ class Daemon:
 
 
 def _describe_watch_error(exc: BaseException) -> str:
-    """One line for a watcher error, unwrapping the ExceptionGroup anyio raises."""
+    """Describe a watcher error in one line, unwrapping the ExceptionGroup anyio raises."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}"

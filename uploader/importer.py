@@ -1,5 +1,5 @@
 """
-``import --dry-run``: walk the drop root and say what an import would do with each
+``import --dry-run``: walk the drop root and list what an import would do with each
 file, without hashing, uploading or changing the ledger.
 """
 

@@ -69,7 +69,7 @@ def hash_file(path: str, expected: StatSnapshot) -> Hashed | None:
 
 
 def read_pdf_tail(path: str, size: int) -> bytes:
-    """The last bytes of a PDF, read without following links."""
+    """Read the last bytes of a PDF without following links."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         return settle.read_tail(fd, size)
@@ -422,5 +422,5 @@ class Intake:
 
 
 def _display(rel: str) -> str:
-    """A path for people and logs: undecodable bytes shown as U+FFFD."""
+    """Return a path for people and logs, with undecodable bytes as U+FFFD."""
     return os.fsencode(rel).decode("utf-8", "replace")

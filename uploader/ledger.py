@@ -3,7 +3,7 @@ The ledger: a SQLite database with one row per file version the daemon has seen.
 
 The ledger is the only thing that stops a document going up twice, because coreplus
 offers no way to ask whether a file already arrived. Every state is committed before
-the daemon acts on it: a row says ``uploading`` before the first byte is sent, and
+the daemon acts on it: a row is ``uploading`` before the first byte is sent, and
 ``uploaded`` only after the service confirmed. This module knows nothing about HTTP or
 asyncio; the daemon calls it from one dedicated thread.
 """
@@ -120,7 +120,7 @@ class FileRow:
         return os.fsdecode(self.rel_path)
 
     def as_dict(self) -> dict[str, object]:
-        """The row for JSON output, with the raw path bytes left out."""
+        """Return the row for JSON output, without the raw path bytes."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data.pop("rel_path")
         return data
@@ -181,7 +181,7 @@ class LedgerLock:
         return False
 
     def holder_pid(self) -> int | None:
-        """The pid written by the process that last took the lock, if readable."""
+        """Return the pid written by the process that last took the lock, if readable."""
         try:
             return int(self.path.read_text().strip())
         except (OSError, ValueError):
@@ -252,14 +252,14 @@ class Ledger:
     # -- lookups -------------------------------------------------------------------
 
     def get(self, row_id: int) -> FileRow | None:
-        """The row with this id, or None."""
+        """Return the row with this id, or None."""
         cur = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE id = ?", (row_id,))
         return _row(cur.fetchone())
 
     def find_live(self, rel_path: bytes) -> FileRow | None:
         """
-        The newest row whose file is still expected at ``rel_path`` in the drop folder:
-        one the daemon is still working on, or an upload kept in place.
+        Return the newest row whose file is still expected at ``rel_path`` in the drop
+        folder: one the daemon is still working on, or an upload kept in place.
         """
         cur = self._db.execute(
             f"SELECT {_COLUMNS} FROM files WHERE rel_path = ? AND {_LIVE_CONDITION} "
@@ -269,7 +269,7 @@ class Ledger:
         return _row(cur.fetchone())
 
     def find_uploaded(self, client_id: str, sha256: str) -> FileRow | None:
-        """The earliest upload of these bytes for this client that was not forgotten."""
+        """Return the earliest upload of these bytes for this client, unless forgotten."""
         cur = self._db.execute(
             f"SELECT {_COLUMNS} FROM files WHERE client_id = ? AND sha256 = ? "
             "AND state = ? AND forgotten = 0 ORDER BY id LIMIT 1",
@@ -304,7 +304,7 @@ class Ledger:
         return [_row(r) for r in cur]  # type: ignore[misc]
 
     def next_wakeup(self, *, include_uncertain: bool) -> float | None:
-        """The earliest ``next_attempt_at`` among waiting retries, or None."""
+        """Return the earliest ``next_attempt_at`` among waiting retries, or None."""
         states = [State.DEFERRED] + ([State.UNCERTAIN] if include_uncertain else [])
         marks = ", ".join("?" for _ in states)
         cur = self._db.execute(
@@ -322,12 +322,12 @@ class Ledger:
         return [_row(r) for r in cur]  # type: ignore[misc]
 
     def count_by_state(self) -> dict[str, int]:
-        """How many rows are in each state."""
+        """Count the rows in each state."""
         cur = self._db.execute("SELECT state, COUNT(*) FROM files GROUP BY state")
         return {state: count for state, count in cur}
 
     def count_uploaded_since(self, since: float) -> int:
-        """How many uploads the service confirmed since ``since`` (unix seconds)."""
+        """Count the uploads the service confirmed since ``since`` (unix seconds)."""
         cur = self._db.execute(
             "SELECT COUNT(*) FROM files WHERE state = ? AND uploaded_at >= ?",
             (State.UPLOADED, since),
@@ -335,7 +335,7 @@ class Ledger:
         return int(cur.fetchone()[0])
 
     def recent(self, *states: str, limit: int = 10) -> list[FileRow]:
-        """The rows in ``states`` changed most recently, newest first."""
+        """Return the rows in ``states`` changed most recently, newest first."""
         marks = ", ".join("?" for _ in states)
         cur = self._db.execute(
             f"SELECT {_COLUMNS} FROM files WHERE state IN ({marks}) "
@@ -350,7 +350,7 @@ class Ledger:
         return [_row(r) for r in cur]  # type: ignore[misc]
 
     def all_rows(self) -> Iterator[FileRow]:
-        """Every row, oldest first, for exports."""
+        """Yield every row, oldest first, for exports."""
         for r in self._db.execute(f"SELECT {_COLUMNS} FROM files ORDER BY id"):
             yield _row(r)  # type: ignore[misc]
 

@@ -38,8 +38,8 @@ def _add_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
 def _replace_surrogates(
     _: Any, __: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    # File names that are not valid UTF-8 reach us as surrogate escapes, which a UTF-8
-    # stream refuses to write; show each bad byte as U+FFFD instead of losing the line.
+    # File names that are not valid UTF-8 arrive as surrogate escapes, which a UTF-8
+    # stream cannot write. Show each bad byte as U+FFFD so the line is not lost.
     for key, value in event.items():
         if isinstance(value, str):
             event[key] = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -56,7 +56,7 @@ class NameHider:
         self._key = key
 
     def token(self, value: str) -> str:
-        """A short stable pseudonym for one name or path."""
+        """Return a short stable pseudonym for one name or path."""
         digest = hmac.new(self._key, value.encode("utf-8", "surrogateescape"), hashlib.sha256)
         return "name-" + digest.hexdigest()[:16]
 

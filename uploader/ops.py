@@ -166,7 +166,8 @@ class Operations:
 
     def ready(self, files_found: int) -> None:
         """Send READY=1 once the ledger is open and the first scan has queued its files."""
-        self.notifier.ready(f"Started; the first scan found {files_found} files.")
+        files = "1 file" if files_found == 1 else f"{files_found} files"
+        self.notifier.ready(f"Started; the first scan found {files}.")
 
     def stopping(self) -> None:
         """Send STOPPING=1 at the start of an orderly shutdown."""

@@ -22,7 +22,7 @@ _TEXT_ROWS = 20
 
 
 def local_time(unix_s: float | None) -> str | None:
-    """A unix time as local ISO 8601 with its UTC offset."""
+    """Format a unix time as local ISO 8601 with its UTC offset."""
     if unix_s is None:
         return None
     return datetime.fromtimestamp(unix_s).astimezone().isoformat(timespec="seconds")
@@ -87,7 +87,7 @@ def collect(ledger_path: Path) -> dict[str, Any]:
 
 
 def render_text(report: dict[str, Any]) -> str:
-    """The status as a few plain paragraphs for a person at a terminal."""
+    """Render the status as a few plain paragraphs for a person at a terminal."""
     lines: list[str] = []
     if report["running"]:
         lines.append(f"Daemon: running (pid {report['pid']}).")

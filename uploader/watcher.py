@@ -47,7 +47,7 @@ class ScanResult:
 
 
 def relative_path(root: Path, path: str | os.PathLike[str]) -> str | None:
-    """The path relative to the root with "/" separators, or None when outside it."""
+    """Return the path relative to the root with "/" separators, or None when outside."""
     try:
         rel = os.path.relpath(os.fspath(path), os.fspath(root))
     except ValueError:
@@ -58,7 +58,7 @@ def relative_path(root: Path, path: str | os.PathLike[str]) -> str | None:
 
 
 def kind_of(mode: int) -> str:
-    """A plain word for a file type, for warnings about skipped entries."""
+    """Name a file type in plain words, for warnings about skipped entries."""
     if stat.S_ISLNK(mode):
         return "symbolic link"
     if stat.S_ISFIFO(mode):
@@ -157,7 +157,7 @@ async def watch_changes(
                 watch_filter=None,
                 recursive=True,
                 # With inotify, errors must surface: watchfiles hides a used-up watch limit
-                # along with permission errors when told to ignore them. Polling has no
+                # along with permission errors when set to ignore them. Polling has no
                 # limit, so there an unreadable folder is simply skipped.
                 ignore_permission_denied=polling,
             ):
