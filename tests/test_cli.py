@@ -214,3 +214,23 @@ async def test_force_polling_uploads(standin: StandIn, tmp_path: Path,
 
     assert process.returncode == 0
     assert len(await received(standin.url)) == 1
+
+
+async def test_retry_moves_failed_file_back(standin: StandIn, setup: Setup) -> None:
+    """`retry --all` moves a failed file back into its drop folder; the next run uploads it."""
+    await add_faults(standin.url, {"kind": "status", "status": 400})
+    setup.drop("Alpha Person", "again.txt", b"second chance")
+    await run_cli(setup, "import")
+    assert (setup.failed / "Alpha Person" / "again.txt").exists()
+
+    code, out, _ = await run_cli(setup, "retry", "--all")
+    assert code == ExitCode.OK
+    assert (setup.root / "Alpha Person" / "again.txt").read_bytes() == b"second chance"
+    assert not (setup.failed / "Alpha Person" / "again.txt.reason.txt").exists()
+    code, _, _ = await run_cli(setup, "import")
+
+    assert code == ExitCode.OK
+    states = [r.state for r in setup.rows()]
+    assert states == [State.FAILED, State.UPLOADED]
+    got = await received(standin.url)
+    assert len(got) == 1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from uploader import __version__, export, status
 from uploader.config import Config, load_config
-from uploader.constants import ExitCode
+from uploader.constants import ExitCode, State
 from uploader.credentials import load_credentials
 from uploader.daemon import Daemon, RunOptions
 from uploader.exceptions import ConfigError, LedgerError
@@ -227,12 +227,45 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
         return ExitCode.USAGE
     ledger = Ledger.open(config.ledger.path, create=False)
     try:
+        wanted = None if args.all else set(args.ids)
+        restored, problems = _restore_failed(ledger, config, wanted)
         changed = ledger.requeue(None if args.all else args.ids)
     finally:
         ledger.close()
-    _print_result(args, {"requeued": changed},
-                  f"Put {len(changed)} file(s) back in the queue: {changed or 'none'}.")
-    return ExitCode.OK
+    for problem in problems:
+        print(f"coreplus-uploader: {problem}", file=sys.stderr)
+    _print_result(args, {"requeued": changed, "restored": restored, "problems": problems},
+                  f"Put {len(changed)} file(s) back in the queue: {changed or 'none'}. "
+                  f"Moved {len(restored)} failed file(s) back to their drop folders: "
+                  f"{restored or 'none'}.")
+    return ExitCode.FILES_FAILED if problems else ExitCode.OK
+
+
+def _restore_failed(ledger: Ledger, config: Config,
+                    wanted: set[int] | None) -> tuple[list[int], list[str]]:
+    """
+    Move failed files back into their drop folders, where the daemon sees them as a new
+    attempt. Their rows stay ``failed`` as history.
+    """
+    from uploader import disposal
+
+    restored, problems = [], []
+    for row in ledger.rows_in_state(State.FAILED):
+        if wanted is not None and row.id not in wanted:
+            continue
+        if wanted is not None:
+            wanted.discard(row.id)
+        if not row.final_path:
+            continue
+        try:
+            disposal.restore_from_failed(Path(row.final_path), config.watch.root / row.rel_path_str)
+        except OSError as exc:
+            problems.append(f"could not move #{row.id} {row.final_path} back to the drop "
+                            f"folder: {exc}. Move it back by hand.")
+            continue
+        ledger.update(row.id, disposition="moved back for retry", final_path=None)
+        restored.append(row.id)
+    return restored, problems
 
 
 def _forget(args: argparse.Namespace, config: Config) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import contextlib
 import os
 import secrets
 import stat
@@ -96,6 +97,24 @@ def move_to_failed(
     return _move_into(
         src, rel_path, failed_dir, staff_group=staff_group, reason=reason.encode("utf-8")
     )
+
+
+def restore_from_failed(failed_path: Path, drop_path: Path) -> None:
+    """
+    Move a failed file back to its place in the drop folder so it is tried again, and
+    remove its reason file. The drop folder's subfolders are created if missing.
+
+    Raises:
+        FileExistsError: a file of that name is in the drop folder again already.
+        OSError: the move failed; nothing was removed.
+    """
+    drop_path.parent.mkdir(parents=True, exist_ok=True)
+    # link() never replaces an existing file, so a newer upload of the same name is safe.
+    os.link(failed_path, drop_path, follow_symlinks=False)
+    os.unlink(failed_path)
+    reason = failed_path.with_name(failed_path.name + REASON_SUFFIX)
+    with contextlib.suppress(FileNotFoundError):
+        reason.unlink()
 
 
 def delete_file(src: Path) -> None:

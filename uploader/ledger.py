@@ -430,9 +430,12 @@ class Ledger:
         Put ``failed``, ``deferred``, ``held`` or ``uncertain`` rows back in the queue.
         ``ids=None`` takes every such row. Returns the ids changed.
         """
-        marks = ", ".join("?" for _ in RETRYABLE_BY_USER)
+        # Failed files live in the failed folder; `retry` moves them back into the drop
+        # folder, where they become a new attempt, so only the other states requeue.
+        states = [s for s in RETRYABLE_BY_USER if s != State.FAILED]
+        marks = ", ".join("?" for _ in states)
         sql = f"SELECT id FROM files WHERE state IN ({marks})"
-        params: list[object] = list(RETRYABLE_BY_USER)
+        params: list[object] = list(states)
         if ids is not None:
             wanted = list(ids)
             sql += f" AND id IN ({', '.join('?' for _ in wanted)})"
