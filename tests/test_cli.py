@@ -234,3 +234,13 @@ async def test_retry_moves_failed_file_back(standin: StandIn, setup: Setup) -> N
     assert states == [State.FAILED, State.UPLOADED]
     got = await received(standin.url)
     assert len(got) == 1
+
+
+async def test_empty_ledger_file_exits_3(setup: Setup) -> None:
+    """A truncated (0-byte) ledger is damaged, not a fresh start: exit 3, file untouched."""
+    setup.ledger.write_bytes(b"")
+    code, _, err = await run_cli(setup, "run")
+
+    assert code == ExitCode.LEDGER_UNAVAILABLE
+    assert "empty" in err
+    assert setup.ledger.read_bytes() == b""

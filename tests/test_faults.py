@@ -311,6 +311,22 @@ async def test_missing_root_is_waited_for(standin: StandIn, setup_factory: Setup
     assert len(await received(standin.url)) == 1
 
 
+async def test_root_deleted_and_recreated(standin: StandIn, setup_factory: SetupFactory) -> None:
+    """After rm -rf of the drop root and mkdir again, new files go up within seconds."""
+    setup = setup_factory(watch={"rescan_seconds": 300})
+    async with DaemonRunner(setup):
+        await asyncio.sleep(0.5)
+        subprocess.run(["rm", "-rf", str(setup.root)], check=True)
+        await asyncio.sleep(1.0)
+        setup.root.mkdir()
+        await asyncio.sleep(6.0)
+        setup.drop("Bravo Person", "after.txt", b"after the new root")
+        await wait_until(lambda: rows_in(setup, State.UPLOADED), timeout_s=8,
+                         what="upload long before the next rescan")
+
+    assert [u["name"] for u in await received(standin.url)] == ["after.txt"]
+
+
 async def test_root_removed_and_recreated(standin: StandIn, setup_factory: SetupFactory) -> None:
     """After the drop root is removed and made again, the watcher returns; nothing re-uploads."""
     setup = setup_factory(upload={"after_success": "keep"})

@@ -246,3 +246,18 @@ class TestSplitDropPath:
         """An empty path is a caller's mistake and raises ValueError."""
         with pytest.raises(ValueError):
             split_drop_path("")
+
+
+def test_bracketed_guid_with_other_clients_alias_is_unmapped() -> None:
+    """A copied folder renamed to one client's alias but keeping another's GUID is refused."""
+    alpha, bravo = "54c8f0b4-632b-49af-99e8-cf729198846d", "0ed45329-5157-40a6-b055-8d5ccf67fc9e"
+    aliases = {normalise_alias("Democlient, Alpha"): alpha}
+
+    wrong = resolve_folder(f"Democlient, Alpha [{bravo}]", aliases)
+    right = resolve_folder(f"Democlient, Alpha [{alpha}]", aliases)
+    unknown_name = resolve_folder(f"Someone Else [{bravo}]", aliases)
+
+    assert wrong.client_id is None
+    assert wrong.problem is not None and alpha in wrong.problem
+    assert right.client_id == alpha
+    assert unknown_name.client_id == bravo

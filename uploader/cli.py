@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write to FILE (mode 0600) instead of stdout")
     backup = ledger_commands.add_parser("backup", help="copy the ledger consistently")
     backup.add_argument("file", type=Path)
+    for sub in (exp, backup):
+        # Accept the options after the subcommand too, as `COMMAND --config FILE` reads;
+        # SUPPRESS keeps a value given before the subcommand from being reset.
+        sub.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                         help=f"configuration file (default: {DEFAULT_CONFIG})")
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print JSON for scripts")
 
     from uploader import standin
 
@@ -163,7 +170,22 @@ def _import(args: argparse.Namespace, config: Config) -> int:
             progress.close()
     if args.report is not None:
         _write_report(config, args.report, started)
+    print(_import_summary(config, started, code))
     return code
+
+
+def _import_summary(config: Config, since: float, code: int) -> str:
+    """One line for scripts and cron mail: what this import did, by state."""
+    ledger = Ledger.open(config.ledger.path, readonly=True)
+    try:
+        counts: dict[str, int] = {}
+        for row in ledger.all_rows():
+            if row.updated_at >= since:
+                counts[row.state] = counts.get(row.state, 0) + 1
+    finally:
+        ledger.close()
+    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no files"
+    return f"Import finished (exit {code}): {parts}."
 
 
 class _ProgressBar:
@@ -232,12 +254,17 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
         changed = ledger.requeue(None if args.all else args.ids)
     finally:
         ledger.close()
-    for problem in problems:
+    unknown = [f"#{row_id} is not a failed, deferred, held or uncertain file "
+               "(see `coreplus-uploader status`)"
+               for row_id in sorted(wanted or ()) if row_id not in changed]
+    for problem in problems + unknown:
         print(f"coreplus-uploader: {problem}", file=sys.stderr)
     _print_result(args, {"requeued": changed, "restored": restored, "problems": problems},
                   f"Put {len(changed)} file(s) back in the queue: {changed or 'none'}. "
                   f"Moved {len(restored)} failed file(s) back to their drop folders: "
                   f"{restored or 'none'}.")
+    if unknown:
+        return ExitCode.USAGE
     return ExitCode.FILES_FAILED if problems else ExitCode.OK
 
 
@@ -282,9 +309,13 @@ def _forget(args: argparse.Namespace, config: Config) -> int:
         count = ledger.forget(os.fsencode(path.as_posix()))
     finally:
         ledger.close()
+    if not count:
+        print(f"coreplus-uploader: the ledger has no rows for {path.as_posix()}; give the "
+              "path relative to the drop root, as `status` shows it", file=sys.stderr)
+        return ExitCode.USAGE
     _print_result(args, {"forgotten": count, "path": path.as_posix()},
                   f"Marked {count} ledger row(s) for {path.as_posix()} as forgotten.")
-    return ExitCode.OK if count else ExitCode.FILES_FAILED
+    return ExitCode.OK
 
 
 def _ledger(args: argparse.Namespace, config: Config) -> int:

@@ -17,6 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -40,6 +41,9 @@ log = structlog.get_logger("uploader.daemon")
 
 #: How long to wait before looking again for a missing drop root or a failed watcher.
 _ROOT_RETRY_S = 5.0
+
+#: How often the watcher checks that the drop root is still the same folder.
+_ROOT_CHECK_S = 2.0
 
 #: Head start given to the watcher before the first scan.
 _WATCH_START_S = 0.2
@@ -260,27 +264,69 @@ class Daemon:
         rt = self.rt
         restarted = False
         while not rt.stopping.is_set():
-            try:
-                if restarted:
-                    rt.repeats.clear("watcher.restarted", None, str(rt.root))
-                    log.info("watcher.restarted", root=str(rt.root))
-                    self._spawn(self._catch_up_scan())
-                async for changes in watch_changes(
-                        rt.root, stop_event=rt.stopping,
-                        force_polling=self.config.watch.force_polling,
-                        on_fallback=self._on_watch_fallback):
-                    await self._handle_changes(changes)
-            except Exception as exc:  # noqa: BLE001 - the watcher must always come back
-                # watchfiles raises its own Rust-side errors, some inside an ExceptionGroup
-                # (for example for a file name that is not valid UTF-8), so catch broadly.
-                rt.warn_once("watcher.restarted", client=None, path=str(rt.root),
-                             cause=_describe_watch_error(exc),
-                             message="The folder watcher stopped; the daemon restarts it and "
-                             "rescans, so no file is missed.",
-                             action="If this repeats, check that the drop root is mounted.")
+            identity = _root_identity(rt.root)
+            if identity is None:
+                # The initial scan and the rescans report a missing root; just wait.
+                await self._pause_watching()
+                restarted = True
+                continue
+            if restarted:
+                rt.repeats.clear("watcher.restarted", None, str(rt.root))
+                log.info("watcher.restarted", root=str(rt.root))
+                self._spawn(self._catch_up_scan())
+            replaced = await self._watch_once(identity)
             restarted = True
+            if not replaced:
+                await self._pause_watching()
+
+    async def _watch_once(self, identity: tuple[int, int]) -> bool:
+        """
+        Watch until the daemon stops, the watcher fails, or the drop root is replaced;
+        returns True in the last case.
+        """
+        rt = self.rt
+        restart = asyncio.Event()
+        monitor = asyncio.create_task(self._monitor_root(identity, restart))
+        try:
+            async for changes in watch_changes(
+                    rt.root, stop_event=restart,
+                    force_polling=self.config.watch.force_polling,
+                    on_fallback=self._on_watch_fallback):
+                await self._handle_changes(changes)
+        except Exception as exc:  # noqa: BLE001 - the watcher must always come back
+            # watchfiles raises its own Rust-side errors, some inside an ExceptionGroup
+            # (for example for a file name that is not valid UTF-8), so catch broadly.
+            rt.warn_once("watcher.restarted", client=None, path=str(rt.root),
+                         cause=_describe_watch_error(exc),
+                         message="The folder watcher stopped; the daemon restarts it and "
+                         "rescans, so no file is missed.",
+                         action="If this repeats, check that the drop root is mounted.")
+        finally:
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
+        return restart.is_set() and not rt.stopping.is_set()
+
+    async def _monitor_root(self, identity: tuple[int, int], restart: asyncio.Event) -> None:
+        """
+        Stop the current watch when the daemon stops or the drop root is removed or
+        replaced: inotify keeps watching the old folder and would never report again.
+        """
+        while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(rt.stopping.wait(), _ROOT_RETRY_S)
+                await asyncio.wait_for(self.rt.stopping.wait(), _ROOT_CHECK_S)
+                restart.set()
+                return
+            if _root_identity(self.rt.root) != identity:
+                log.warning("watcher.restarted", root=str(self.rt.root),
+                            message="The drop root was removed, replaced or remounted; the "
+                            "watcher follows the new folder once it is there.",
+                            action="None needed if this was planned.")
+                restart.set()
+                return
+
+    async def _pause_watching(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.rt.stopping.wait(), _ROOT_RETRY_S)
 
     async def _catch_up_scan(self) -> None:
         """
@@ -383,3 +429,12 @@ def _describe_watch_error(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}"
+
+
+def _root_identity(root: Path) -> tuple[int, int] | None:
+    """Return the drop root's (device, inode), or None when it is missing."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -115,8 +115,8 @@ def _unmapped_problem() -> str:
 
 def _conflict_problem(named_id: str, alias_id: str) -> str:
     return (
-        f"The folder name contains client id {named_id}, but an alias in [clients] "
-        f"with the same name maps it to client id {alias_id}. Nothing from this folder "
+        f"The folder name contains client id {named_id}, but its name matches an alias "
+        f"in [clients] for client id {alias_id}. Nothing from this folder "
         "is uploaded until the folder name or the alias is corrected so that they agree."
     )
 
@@ -151,7 +151,20 @@ def resolve_folder(name: str, aliases: Mapping[str, str]) -> Resolution:
         return Resolution(alias_id, "alias")
     if alias_id is not None and alias_id != named_id:
         return Resolution(None, None, _conflict_problem(named_id, alias_id))
+    # "Smith, John [guid]" copied and renamed to "Nguyen, Thi [guid]" keeps the wrong id;
+    # when the text before the brackets is another client's alias, refuse the folder.
+    prefix_id = None
+    if rule == "bracketed":
+        prefix_id = aliases.get(normalise_alias(_name_before_guid(name)))
+    if prefix_id is not None and prefix_id != named_id:
+        return Resolution(None, None, _conflict_problem(named_id, prefix_id))
     return Resolution(named_id, rule)
+
+
+def _name_before_guid(name: str) -> str:
+    """Return the part of a folder name before its trailing bracketed GUID."""
+    cut = max(name.rfind("["), name.rfind("("))
+    return name[:cut].strip() if cut > 0 else ""
 
 
 def _compile_patterns(patterns: Sequence[str]) -> re.Pattern[str]:

@@ -12,6 +12,7 @@ from uploader.config import Config
 from uploader.constants import ExitCode
 from uploader.folders import IgnoreRules, resolve_folder, split_drop_path
 from uploader.ledger import Ledger
+from uploader.status import printable
 from uploader.watcher import scan_tree
 
 
@@ -48,7 +49,18 @@ def _plan_one(rel: str, config: Config, ledger: Ledger | None) -> tuple[str, str
         st = os.lstat(config.watch.root / rel)
         if row is not None and (row.size, row.mtime_ns) == (st.st_size, st.st_mtime_ns):
             return rel, resolution.client_id, f"already in the ledger: {row.state}"
+    if st_size(config, rel) == 0:
+        return rel, resolution.client_id, (
+            f"wait: empty; fails after {config.watch.empty_grace_seconds:g} s if still empty")
     return rel, resolution.client_id, "upload"
+
+
+def st_size(config: Config, rel: str) -> int:
+    """Return the size of a file under the drop root, or -1 when it is gone."""
+    try:
+        return os.lstat(config.watch.root / rel).st_size
+    except OSError:
+        return -1
 
 
 def dry_run(config: Config, out: TextIO) -> int:
@@ -59,7 +71,7 @@ def dry_run(config: Config, out: TextIO) -> int:
         out.write(f"The drop root {config.watch.root} cannot be read: {exc}\n")
         return ExitCode.TEMPORARY
     for rel, client, action in lines:
-        shown = os.fsencode(rel).decode("utf-8", "replace")
+        shown = printable(os.fsencode(rel).decode("utf-8", "replace"))
         out.write(f"{action}\t{client}\t{shown}\n")
     uploads = sum(1 for _, _, action in lines if action == "upload")
     out.write(f"{uploads} of {len(lines)} files would be uploaded.\n")

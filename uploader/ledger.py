@@ -220,9 +220,11 @@ class Ledger:
                 "the daemon creates the ledger on its first start."
             )
         if not exists:
-            _make_private_dir(path.parent)
-            # Create the file ourselves so it is owner-only from the first byte.
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            _create_ledger_file(path)
+        elif path.stat().st_size == 0:
+            # Only a truncation makes an empty ledger, because new ledgers are built
+            # aside and renamed into place: treat it as lost data, never as a fresh start.
+            raise _damaged(path, sqlite3.DatabaseError("the file is empty"))
         try:
             db = _connect(path, readonly)
             _check_integrity(db, path)
@@ -514,6 +516,24 @@ class Ledger:
             self._db.backup(dest)
         finally:
             dest.close()
+
+
+def _create_ledger_file(path: Path) -> None:
+    """
+    Build an empty ledger with its schema beside ``path`` and rename it into place, so a
+    crash can never leave a half-made ledger under the real name.
+    """
+    _make_private_dir(path.parent)
+    building = path.with_name(path.name + ".new")
+    building.unlink(missing_ok=True)
+    # Create the file ourselves so it is owner-only from the first byte.
+    os.close(os.open(building, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    db = sqlite3.connect(building)
+    try:
+        _migrate(db, building)
+    finally:
+        db.close()
+    os.rename(building, path)
 
 
 def _make_private_dir(path: Path) -> None:

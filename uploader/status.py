@@ -5,6 +5,7 @@ uploads, and every file that needs a person, read from the ledger without lockin
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +27,17 @@ def local_time(unix_s: float | None) -> str | None:
     if unix_s is None:
         return None
     return datetime.fromtimestamp(unix_s).astimezone().isoformat(timespec="seconds")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """
+    Replace control characters (newlines, terminal escapes) with "?", so a file name
+    cannot rewrite the terminal or fake a line of the report.
+    """
+    return _CONTROL.sub("?", str(text))
 
 
 def _start_of_today() -> float:
@@ -120,7 +132,7 @@ def render_text(report: dict[str, Any]) -> str:
         for entry in report["possible_duplicates"]:
             lines.append(f"  #{entry['id']} {entry['path']} ({entry['state']}, client "
                          f"{entry['client']})")
-    return "\n".join(lines) + "\n"
+    return "\n".join(printable(line) for line in lines) + "\n"
 
 
 def _render_files(lines: list[str], state: str, entries: list[dict[str, Any]]) -> None:
