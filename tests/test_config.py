@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from uploader.config import (
+    AlertConfig,
     ApiConfig,
     LedgerConfig,
     LogConfig,
@@ -115,6 +116,16 @@ class TestDefaults:
             ("log.format", "auto"),
             ("log.level", "info"),
             ("log.file_names", "show"),
+            ("alert.command", None),
+            ("alert.smtp_host", None),
+            ("alert.smtp_port", 587),
+            ("alert.smtp_security", "starttls"),
+            ("alert.smtp_user", None),
+            ("alert.smtp_password_file", None),
+            ("alert.smtp_timeout_seconds", 30.0),
+            ("alert.email_from", None),
+            ("alert.email_to", ()),
+            ("alert.disk_min_free_percent", 5.0),
         ],
     )
     def test_default_value(self, tmp_path: Path, attribute: str, expected: object) -> None:
@@ -175,6 +186,7 @@ class TestExampleFile:
             "upload": UploadConfig,
             "ledger": LedgerConfig,
             "log": LogConfig,
+            "alert": AlertConfig,
         }
         for table, cls in tables.items():
             assert f"[{table}]" in text
@@ -596,3 +608,89 @@ class TestClients:
         with pytest.raises(TypeError):
             clients["x"] = GUID  # type: ignore[index]
         assert dict(clients) == {"smith": GUID}
+
+
+# A complete e-mail setup; each case below changes or removes one key (raw TOML).
+MAIL = {
+    "alert.smtp_host": '"smtp.clinic.example"',
+    "alert.email_from": '"uploader@clinic.example"',
+    "alert.email_to": '["it@clinic.example"]',
+}
+
+ALERT_CASES = [
+    ({"alert.command": '"/usr/bin/notify \'unclosed"'}, "alert.command", "Close every quote"),
+    ({"alert.command": '"   "'}, "alert.command", "Write a value"),
+    ({"alert.command": '"bin/notify"'}, "alert.command", "absolute path"),
+    ({"alert.command": "[\"/bin/echo\"]"}, "alert.command", "double quotes"),
+    ({"alert.smtp_port": "0"}, "alert.smtp_port", "between 1 and 65535"),
+    ({"alert.smtp_port": "70000"}, "alert.smtp_port", "between 1 and 65535"),
+    ({"alert.smtp_timeout_seconds": "0"}, "alert.smtp_timeout_seconds", "at least 1"),
+    ({"alert.disk_min_free_percent": "101"}, "alert.disk_min_free_percent", "between 0 and 100"),
+    ({"alert.smtp_security": '"ssl"'}, "alert.smtp_security", '"starttls", "tls", "none"'),
+    ({"alert.smtp_host": '"smtp.clinic.example:587"'}, "alert.smtp_host", "alert.smtp_port"),
+    ({"alert.smtp_host": '"smtp://x"'}, "alert.smtp_host", "name alone"),
+    ({"alert.email_from": '"Uploader <u@clinic.example>"'}, "alert.email_from", "bare address"),
+    ({"alert.email_to": '["it@clinic"]'}, "alert.email_to", "bare address"),
+    ({"alert.email_to": '"it@clinic.example"'}, "alert.email_to", "quoted e-mail addresses"),
+    ({"alert.email_to": None}, "alert.email_to", "Missing required key alert.email_to"),
+    ({"alert.email_from": None}, "alert.email_from", "Missing required key alert.email_from"),
+    ({"alert.smtp_user": '"it"'}, "alert.smtp_password_file", "Set both"),
+    ({"alert.smtp_password_file": '"pw"'}, "alert.smtp_user", "Set both"),
+    ({"alert.smtp_security": '"none"', "alert.smtp_user": '"it"',
+      "alert.smtp_password_file": '"pw"'}, "alert.smtp_security", '"starttls" or "tls"'),
+    ({"alert.smtp_colour": '"red"'}, "alert.smtp_colour", "Did you mean alert.smtp_"),
+]
+
+
+class TestAlertTable:
+    def test_alert_all_keys(self, tmp_path: Path) -> None:
+        """Every [alert] key is read with its type; relative paths resolve beside the file."""
+        changes = {**MAIL, "alert.command": '"/usr/local/bin/page-it --team \'front desk\'"',
+                   "alert.smtp_port": "465", "alert.smtp_security": '"tls"',
+                   "alert.smtp_user": '"it"', "alert.smtp_password_file": '"smtp-password"',
+                   "alert.smtp_timeout_seconds": "12",
+                   "alert.email_to": '["it@clinic.example", "pm@clinic.example"]',
+                   "alert.disk_min_free_percent": "2.5"}
+        alert = load_config(write_config(tmp_path, changes)).alert
+        assert alert.command == "/usr/local/bin/page-it --team 'front desk'"
+        assert alert.smtp_host == "smtp.clinic.example"
+        assert alert.smtp_port == 465
+        assert alert.smtp_security == "tls"
+        assert alert.smtp_user == "it"
+        assert alert.smtp_password_file == tmp_path / "smtp-password"
+        assert alert.smtp_timeout_seconds == 12.0
+        assert alert.email_from == "uploader@clinic.example"
+        assert alert.email_to == ("it@clinic.example", "pm@clinic.example")
+        assert alert.disk_min_free_percent == 2.5
+
+    def test_alert_plain_loopback_login(self, tmp_path: Path) -> None:
+        """A login without encryption is allowed to a mail server on this machine."""
+        changes = {**MAIL, "alert.smtp_host": '"127.0.0.1"', "alert.smtp_security": '"none"',
+                   "alert.smtp_user": '"it"', "alert.smtp_password_file": '"pw"'}
+        assert load_config(write_config(tmp_path, changes)).alert.smtp_security == "none"
+
+    def test_alert_bare_command(self, tmp_path: Path) -> None:
+        """A bare program name is accepted, to be found in PATH when it runs."""
+        config = load_config(write_config(tmp_path, {"alert.command": '"logger -t uploader"'}))
+        assert config.alert.command == "logger -t uploader"
+
+    @pytest.mark.parametrize("key", ["alert.email_to", "alert.email_from", "alert.smtp_user"])
+    def test_alert_mail_key_without_host(self, tmp_path: Path, key: str) -> None:
+        """An e-mail key without alert.smtp_host is rejected, naming both keys."""
+        raw = {"alert.email_to": '["it@clinic.example"]', "alert.email_from": '"u@clinic.example"',
+               "alert.smtp_user": '"it"'}[key]
+        changes = {key: raw}
+        if key == "alert.smtp_user":
+            changes["alert.smtp_password_file"] = '"pw"'
+        message = load_error(write_config(tmp_path, changes))
+        assert key in message or "alert.smtp_password_file" in message
+        assert "alert.smtp_host" in message
+
+    @pytest.mark.parametrize(("changes", "key", "fix"), ALERT_CASES)
+    def test_alert_invalid(
+        self, tmp_path: Path, changes: dict[str, str | None], key: str, fix: str
+    ) -> None:
+        """An invalid or incomplete [alert] key raises ConfigError naming the key and the fix."""
+        message = load_error(write_config(tmp_path, {**MAIL, **changes}))
+        assert key in message
+        assert fix in message

@@ -1,7 +1,7 @@
 """
 Tell a person when uploads need attention: run ``alert.command`` and send an e-mail.
 
-The operations loop hands over every condition it sees on each pass. This module drops
+The operations loop hands over every condition it finds on each pass. This module drops
 the ones already reported today (one alert per cause per calendar day, remembered in a
 small JSON file beside the ledger so a restart does not repeat them), joins the rest
 into one message, logs it as ``alert.raised``, and delivers it through the configured
@@ -43,7 +43,7 @@ KIND_ORDER: tuple[AlertKind, ...] = ("paused", "disk", "failed", "held", "unmapp
 #: Name of the file, beside the ledger, that remembers which causes were reported today.
 SENT_FILE_NAME = "alerts-sent.json"
 
-#: Longest time ``alert.command`` may run before it is killed.
+#: Maximum time ``alert.command`` may run before it is killed.
 COMMAND_TIMEOUT_S = 60.0
 
 #: Alerts listed one by one in a message; the rest are counted.
@@ -118,7 +118,7 @@ class SentRegister:
             self._day, self._causes = today, set()
 
     def unsent(self, alerts: Sequence[Alert]) -> list[Alert]:
-        """The alerts whose cause was not reported today, each cause once."""
+        """Return the alerts whose cause was not reported today, each cause once."""
         self._roll_over()
         fresh: dict[str, Alert] = {}
         for alert in alerts:

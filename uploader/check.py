@@ -1,13 +1,14 @@
 """
 The ``check`` command: find what would stop the service before it is started.
 
-It validates the configuration, reads the installed systemd unit (its user, writable
-paths, credentials and stop timeout), tests as the unit's user that the drop root and
-the output folders can be read and written, checks where the secret and access token
-come from, checks the ledger and its filesystem, and reports the clock's sync state.
-With ``online`` it also signs one request to the coreplus Client list, then looks up
-every mapped client id, so that a mistyped GUID that points at another patient is
-caught before a letter goes to the wrong record, and logs in to the mail server.
+It validates the configuration and reads the installed systemd unit (its user,
+writable paths, credentials and stop timeout). As the unit's user, it tests that the
+drop root and the output folders can be read and written. It checks where the secret
+and access token come from, checks the ledger and its filesystem, and reports the
+clock's sync state. With ``online`` it also signs one request to the coreplus Client
+list and looks up every mapped client id, so that a mistyped GUID that points at
+another patient is caught before a letter goes to the wrong record. It also logs in
+to the alert mail server.
 
 Each result is a ``Finding`` (ok, warning or error). Nothing here changes the ledger,
 and the only files written are a hidden probe file in each folder that must be
@@ -149,7 +150,7 @@ class CheckReport:
         return ExitCode.OK
 
     def as_json(self) -> dict[str, Any]:
-        """The report as plain data."""
+        """Return the report as plain data for JSON."""
         return {"config": str(self.config_path), "ok": not self.errors,
                 "exit_code": self.exit_code(), "unit": self.unit, "user": self.user,
                 "credentials_source": self.credentials_source,
@@ -212,7 +213,7 @@ def parse_timespan_s(text: str) -> float | None:
 
 
 def find_unit(unit_path: Path | None = None) -> Path | None:
-    """The unit file given, or the installed one that systemd would use."""
+    """Return the unit file given, or else the installed one that systemd would use."""
     if unit_path is not None:
         return unit_path
     for folder in UNIT_DIRS:
@@ -300,10 +301,11 @@ def _unescape_mount(text: str) -> str:
 
 def filesystem_type(path: Path) -> str | None:
     """
-    The filesystem type of the mount holding ``path`` (or its nearest existing parent).
+    Return the filesystem type of the mount that contains ``path`` (or its nearest
+    existing parent).
 
     Returns:
-        The type, such as "ext4" or "nfs4", or None when it cannot be told.
+        The type, such as "ext4" or "nfs4", or None when it cannot be found.
     """
     target = path
     while not target.exists() and target != target.parent:
@@ -317,7 +319,7 @@ def filesystem_type(path: Path) -> str | None:
 
 def mount_type(path: str, mountinfo: str) -> str | None:
     """
-    The filesystem type of the longest mount point in ``mountinfo`` containing ``path``.
+    Return the type of the longest mount point in ``mountinfo`` that contains ``path``.
 
     Args:
         path: An absolute path with symbolic links resolved.
@@ -377,8 +379,9 @@ def probe_access(request: dict[str, Any]) -> dict[str, Any]:
 
     Args:
         request: ``root`` (the drop root), ``root_exists`` (whether the caller sees
-            it), ``writable`` (folders that must be writable or creatable) and
-            ``readable`` (files that must be readable).
+            it), ``writable`` (pairs of a folder that must be writable and, when
+            it does not exist yet, its nearest existing parent) and ``readable``
+            (files that must be readable).
 
     Returns:
         ``problems`` (sentences), ``problem_count`` and ``probed`` (entries tested).
@@ -391,8 +394,8 @@ def probe_access(request: dict[str, Any]) -> dict[str, Any]:
     elif request.get("root_exists"):
         problems.append(f"cannot reach the drop root {root} (no search access to a folder "
                         "above it)")
-    for folder in request["writable"]:
-        _probe_writable(folder, problems)
+    for folder, parent in request["writable"]:
+        _probe_writable(folder, problems, parent)
     for path in request["readable"]:
         if not os.access(path, os.R_OK):
             problems.append(f"cannot read {path}")
@@ -418,13 +421,17 @@ def _probe_tree(root: str, problems: list[str]) -> int:
     return count
 
 
-def _probe_writable(folder: str, problems: list[str]) -> None:
-    existing = folder
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
-    if existing != folder:
-        if not os.access(existing, os.W_OK | os.X_OK):
-            problems.append(f"cannot create {folder}: no write access to {existing}")
+def _probe_writable(folder: str, problems: list[str], parent: str | None = None) -> None:
+    """
+    Test that files can be created in ``folder``; when the caller saw that it does not
+    exist yet, test ``parent``, its nearest existing folder, instead.
+    """
+    if parent is not None:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            problems.append(f"cannot create {folder}: no write access to {parent}")
+        return
+    if not os.path.isdir(folder):
+        problems.append(f"cannot reach {folder} (no search access to a folder above it)")
         return
     try:
         fd, temp = tempfile.mkstemp(prefix=".coreplus-check-", suffix=".tmp", dir=folder)
@@ -474,11 +481,31 @@ def _run_probe_as(user: pwd.struct_passwd, request: dict[str, Any]) -> dict[str,
     return answer
 
 
-def check_access(report: CheckReport, config: Config, user_name: str | None,
+def _writable_request(config: Config, unit: UnitInfo | None) -> list[tuple[str, str | None]]:
+    """Folders to test for writing, each with its nearest existing parent if missing."""
+    managed = [Path("/var/lib") / name for name in unit.state_directories] if unit else []
+    pairs: list[tuple[str, str | None]] = []
+    for _, folder in _output_folders(config)[1:]:
+        if folder.exists():
+            pairs.append((str(folder), None))
+        elif not _covered(folder, [str(path) for path in managed]):
+            parent = folder
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
+            pairs.append((str(folder), str(parent)))
+    return pairs
+
+
+def check_access(report: CheckReport, config: Config, unit: UnitInfo | None,
                  readable: list[Path]) -> None:
-    """Check, as the unit's user, that the drop root and output folders can be used."""
+    """
+    Check, as the unit's user, that the drop root and output folders can be used.
+
+    Folders systemd creates for the unit (``StateDirectory=``) are not required to
+    exist yet.
+    """
     current = pwd.getpwuid(os.geteuid())
-    name = user_name or current.pw_name
+    name = (unit.user if unit else None) or current.pw_name
     report.user = name
     try:
         user = pwd.getpwnam(name)
@@ -487,7 +514,7 @@ def check_access(report: CheckReport, config: Config, user_name: str | None,
                    f"Create it: adduser --system --group --home /var/lib/{name} {name}")
         return
     request = {"root": str(config.watch.root), "root_exists": config.watch.root.is_dir(),
-               "writable": [str(folder) for _, folder in _output_folders(config)[1:]],
+               "writable": _writable_request(config, unit),
                "readable": [str(path) for path in readable]}
     try:
         if user.pw_uid == current.pw_uid:
@@ -582,7 +609,7 @@ def _check_credential_file(path: Path, name: str, unit_path: Path) -> None:
 
 
 def check_ledger(report: CheckReport, config: Config, user_name: str | None) -> None:
-    """Check the ledger's integrity, schema version, owner and whether a daemon holds it."""
+    """Check the ledger's integrity, schema version and owner, and whether a daemon runs."""
     path = config.ledger.path
     if not path.exists():
         report.add("ok", "ledger", f"The ledger {path} does not exist yet; the daemon creates "
@@ -727,8 +754,8 @@ def check_alerts(report: CheckReport, config: Config, online: bool) -> None:
 
 def mapped_clients(config: Config) -> list[dict[str, Any]]:
     """
-    Every client id the daemon would upload to: drop folders present now, then aliases
-    in ``[clients]`` without a folder yet.
+    List every client id the daemon would upload to: drop folders present now, then
+    aliases in ``[clients]`` without a folder yet.
 
     Returns:
         Dicts with ``folder``, ``client_id`` (None when the folder maps to no client)
@@ -862,7 +889,7 @@ def run_check(config_path: Path, *, online: bool = False, unit_path: Path | None
     readable = [path for path in (config.api.secret_file, config.api.access_token_file)
                 if path is not None and credentials is not None
                 and credentials.source.startswith("files")]
-    check_access(report, config, unit.user if unit else None, readable)
+    check_access(report, config, unit, readable)
     check_ledger(report, config, unit.user if unit else None)
     check_clock(report)
     check_alerts(report, config, online)
@@ -889,7 +916,7 @@ def _check_unit_file(report: CheckReport, config: Config,
 
 
 def render_text(report: CheckReport) -> str:
-    """The report as aligned lines for a person at a terminal."""
+    """Render the report as aligned lines for a person at a terminal."""
     labels = {"ok": "OK", "warning": "WARNING", "error": "ERROR"}
     lines = [f"coreplus-uploader check of {report.config_path}", ""]
     for finding in report.findings:

@@ -167,7 +167,7 @@ class LogConfig:
 @dataclass(frozen=True, kw_only=True)
 class AlertConfig:
     """
-    The ``[alert]`` table: how a person is told that uploads need attention.
+    The ``[alert]`` table: the channels that report to a person when uploads need attention.
     """
 
     command: str | None = None
@@ -178,7 +178,7 @@ class AlertConfig:
     smtp_port: int = 587
     """Mail server port: 587 for STARTTLS, 465 for TLS, 25 for a plain relay."""
     smtp_security: Literal["starttls", "tls", "none"] = "starttls"
-    """How the connection to the mail server is protected."""
+    """The protection of the connection to the mail server."""
     smtp_user: str | None = None
     """Login name at the mail server; None sends without logging in."""
     smtp_password_file: Path | None = None
@@ -230,7 +230,7 @@ _MINIMUMS: dict[str, int] = {
     # A probe every 0 s would hammer a service that has just rejected us.
     "api.auth_probe_seconds": 1,
     "alert.smtp_port": 1,
-    # A mail server that may take 0 s per step could never answer.
+    # A timeout of 0 s per step would fail before any mail server could reply.
     "alert.smtp_timeout_seconds": 1,
 }
 _MAXIMUMS: dict[str, int] = {
@@ -342,7 +342,7 @@ def _expect_path(key: str, value: object, default: object, base_dir: Path) -> Pa
         ) from None
 
 
-# What each list-of-strings key holds, and an example, for its error message.
+# The content of each list-of-strings key and an example, for its error message.
 _LIST_EXAMPLES: dict[str, tuple[str, str]] = {
     "watch.ignore": ("glob patterns", '["*.bak", "Smith/private"]'),
     "alert.email_to": ("e-mail addresses", '["it@clinic.example", "manager@clinic.example"]'),

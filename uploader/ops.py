@@ -1,5 +1,5 @@
 """
-The operations loop: what the daemon tells systemd, the IT contact and reception.
+The operations loop: the daemon's reports to systemd, the IT contact and reception.
 
 Every few seconds it reads a snapshot from the ledger (the queue, today's uploads, the
 pause reason the gate stored, failed and held files, unmapped folders) and the free
@@ -56,7 +56,7 @@ PRUNE_INTERVAL_S = 86_400.0
 QUEUE_STATES = (State.WAITING, State.QUEUED, State.UPLOADING, State.DEFERRED,
                 State.UNCERTAIN)
 
-# Longest error text quoted in an alert.
+# Maximum length of the error text quoted in an alert.
 _ERROR_MAX_CHARS = 300
 
 
@@ -89,7 +89,7 @@ class Snapshot:
     paused: str | None
     """The pause reason the gate stored, or None while uploads run."""
     paused_action: str | None
-    """What to do about the pause."""
+    """The action that clears the pause."""
     failed: list[FileRow] = field(default_factory=list)
     """Failed rows whose file is still in the failed folder."""
     held: list[FileRow] = field(default_factory=list)
@@ -106,7 +106,7 @@ class Snapshot:
 
 
 def first_sentence(text: str) -> str:
-    """The text up to and including its first full stop followed by a space."""
+    """Return the text up to and including its first full stop followed by a space."""
     head, dot, _ = text.partition(". ")
     return head + "." if dot else text
 
@@ -118,7 +118,7 @@ def start_of_today(now: float) -> float:
 
 
 def status_line(snapshot: Snapshot) -> str:
-    """The one-line ``STATUS=`` text; it never contains a file or folder name."""
+    """Build the one-line ``STATUS=`` text, which never contains a file or folder name."""
     parts = [f"Queue {snapshot.queue}", f"uploaded today {snapshot.uploaded_today}",
              f"failed {len(snapshot.failed)}", f"held {len(snapshot.held)}"]
     if snapshot.unmapped:
@@ -242,10 +242,10 @@ class Operations:
                  if disk.free_percent < threshold]
         return found
 
-    # -- what people are told ---------------------------------------------------------
+    # -- alerts and the status file ---------------------------------------------------
 
     def name(self, display_path: str) -> str:
-        """A name as alerts show it: the path, or its keyed hash when names are hidden."""
+        """Return a name as alerts show it: the path, or its keyed hash when hidden."""
         return self.hider.token(display_path) if self.hider else display_path
 
     def _scrub(self, text: str, row: FileRow) -> str:
@@ -258,7 +258,7 @@ class Operations:
         return text
 
     def alerts(self, snapshot: Snapshot) -> list[Alert]:
-        """Every condition in the snapshot that needs a person, one alert per cause."""
+        """List every condition in the snapshot that needs a person, one per cause."""
         found: list[Alert] = []
         if snapshot.paused:
             reason = first_sentence(snapshot.paused)
@@ -303,7 +303,7 @@ class Operations:
                      "Run `coreplus-uploader status` to see the name and the fix.")
 
     def reception_view(self, snapshot: Snapshot) -> ReceptionView:
-        """What the status file tells reception; names left out when they are hidden."""
+        """Build the status file's view for reception, without names when they are hidden."""
 
         def names(paths: list[str]) -> list[str | None]:
             return [None if self.hider else path for path in paths]
@@ -342,7 +342,7 @@ def _still_in_failed_folder(rows: list[FileRow]) -> list[FileRow]:
 
 
 def watched_folders(config: Config) -> list[Path]:
-    """The folders the daemon writes to: drop root, archive, failed folder, ledger's."""
+    """List the folders the daemon writes to: drop root, archive, failed, ledger's."""
     folders = [config.watch.root, config.upload.failed_dir, config.ledger.path.parent]
     if config.upload.after_success == "archive" and config.upload.archive_dir is not None:
         folders.insert(1, config.upload.archive_dir)
@@ -375,7 +375,7 @@ def disk_usage(folders: list[Path]) -> list[LowDisk]:
 
 
 def default_hider(config: Config) -> NameHider | None:
-    """The name hider for ``log.file_names = "hide"``, with the key the log uses."""
+    """Build the name hider for ``log.file_names = "hide"``, with the log's key."""
     if config.log.file_names != "hide":
         return None
     # NOTE: imported here because the key helper lives in the CLI module, which

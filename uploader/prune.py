@@ -23,7 +23,7 @@ DAY_S = 86_400
 @dataclass(frozen=True)
 class PruneResult:
     """
-    What one pass over the archive did.
+    The outcome of one pass over the archive.
 
     Attributes:
         deleted_files: How many files (and symbolic links) were deleted.

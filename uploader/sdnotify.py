@@ -116,7 +116,8 @@ class Notifier:
         payload = "\n".join(assignments).encode("utf-8", "replace")
         try:
             if self._socket is None:
-                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                self._socket = socket.socket(socket.AF_UNIX, kind)
             self._socket.sendto(payload, self.address)
         except OSError as exc:
             if not self._failed:

@@ -1,7 +1,7 @@
 """
 The plain-text status file for reception staff, in the drop root.
 
-Reception only ever sees folders, so when uploads are paused or files need a person,
+Reception staff work only with folders, so when uploads are paused or files need a person,
 the daemon writes one short paragraph into ``UPLOAD-STATUS.txt`` at the top of the
 drop root, and deletes the file once all is well. The watcher ignores the file by
 name. It is written atomically (a hidden temporary file, then a rename), with Windows
@@ -36,7 +36,7 @@ WIDTH = 76
 @dataclass(frozen=True)
 class ReceptionView:
     """
-    What reception needs to know, taken from the ledger by the operations loop.
+    The facts reception needs, taken from the ledger by the operations loop.
 
     Names are drop-root-relative paths, or None each when ``log.file_names = "hide"``
     is in force, so that only counts are shown.
