@@ -549,3 +549,29 @@ async def test_name_reused_over_time(standin: StandIn, setup_factory: SetupFacto
     assert [await received_content(standin.url, u["id"]) for u in got] == [b"monday", b"tuesday"]
     assert (setup.archive / "Alpha Person" / "scan.txt").read_bytes() == b"monday"
     assert (setup.archive / "Alpha Person" / "scan (2).txt").read_bytes() == b"tuesday"
+
+
+async def test_full_ledger_disk_recovers(standin: StandIn, setup_factory: SetupFactory,
+                                         mounts: Callable[..., None], tmp_path: Path) -> None:
+    """With the ledger's disk full the daemon keeps running; once space is back, files go up once."""
+    ledger_dir = tmp_path / "ledgerfs"
+    mounts("-t", "tmpfs", "-o", "size=2m", "tmpfs", target=ledger_dir)
+    setup = setup_factory(ledger={"path": str(ledger_dir / "ledger.sqlite3")},
+                          watch={"rescan_seconds": 1})
+    setup.ledger = ledger_dir / "ledger.sqlite3"
+    async with DaemonRunner(setup) as runner:
+        setup.drop("Alpha Person", "before.txt", b"before the disk filled")
+        await wait_until(lambda: len(rows_in(setup, State.UPLOADED)) == 1, what="first upload")
+        filler = ledger_dir / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+        for index in range(5):
+            setup.drop("Alpha Person", f"during{index}.txt", os.urandom(2000))
+        await asyncio.sleep(4.0)
+        assert not runner.task.done()  # type: ignore[union-attr]
+        filler.unlink()
+        await wait_until(lambda: len(rows_in(setup, State.UPLOADED)) == 6, timeout_s=30,
+                         what="uploads after space returned")
+
+    got = await received(standin.url)
+    assert sorted(u["name"] for u in got) == sorted(
+        ["before.txt"] + [f"during{index}.txt" for index in range(5)])

@@ -191,7 +191,7 @@ class Daemon:
             await self.uploader.retry_pending_moves()
             return await self._until_done()
         self._spawn(self._catch_up_scan())
-        self._spawn(self.uploader.retry_pending_moves())
+        self._spawn(self._run_job(self.uploader.retry_pending_moves))
         self._spawn(self._every(self.config.watch.rescan_seconds, self._rescan))
         self._spawn(self._every(_MOVE_RETRY_S, self.uploader.retry_pending_moves))
         await rt.stopping.wait()
@@ -336,7 +336,7 @@ class Daemon:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.rt.stopping.wait(), _CATCH_UP_SCAN_S)
             return
-        await self._rescan()
+        await self._run_job(self._rescan)
 
     async def _handle_changes(self, changes: set[Any]) -> None:
         try:
@@ -416,7 +416,18 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.rt.stopping.wait(), interval_s)
                 return
+            await self._run_job(job)
+
+    async def _run_job(self, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a periodic job; a failure is logged and the next period tries again."""
+        try:
             await job()
+        except Exception as exc:  # noqa: BLE001 - e.g. a full disk under the ledger
+            self.rt.warn_once("scan.finished", client=None, path=None, level="error",
+                              cause=f"{type(exc).__name__}: {exc}",
+                              message=f"A periodic task ({job.__name__}) failed; it runs "
+                              "again at its next interval.",
+                              action="Check the disk holding the ledger and the drop root.")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)

@@ -239,7 +239,13 @@ class Intake:
     async def settle_loop(self) -> None:
         """Check due files every tick until the daemon stops."""
         while not self.rt.stopping.is_set():
-            await self.check_due()
+            try:
+                await self.check_due()
+            except Exception as exc:  # noqa: BLE001 - e.g. a full disk under the ledger
+                self.rt.warn_once("file.settled", client=None, path=None, level="error",
+                                  cause=f"{type(exc).__name__}: {exc}",
+                                  message="Checking waiting files failed; the daemon keeps "
+                                  "trying.", action="Check the disk holding the ledger.")
             try:
                 await asyncio.wait_for(self.rt.stopping.wait(), _TICK_S)
             except TimeoutError:

@@ -63,10 +63,20 @@ class NameHider:
     def __call__(
         self, _: Any, __: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
+        names = {}
         for key in _NAME_FIELDS:
             value = event.get(key)
             if isinstance(value, str) and value:
-                event[key] = self.token(value)
+                names[value] = self.token(value)
+                event[key] = names[value]
+        # Error texts often quote the same path (an OSError names the file), so replace
+        # each hidden name inside the other text fields too, longest first.
+        for key, value in event.items():
+            if key in _NAME_FIELDS or not isinstance(value, str):
+                continue
+            for name in sorted(names, key=len, reverse=True):
+                value = value.replace(name, names[name])
+            event[key] = value
         return event
 
 

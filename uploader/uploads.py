@@ -26,6 +26,7 @@ from uploader.constants import CLOCK_SKEW_WARN_S, LEDGER_POLL_INTERVAL_S, State
 from uploader.context import Runtime, daemon_user
 from uploader.exceptions import (
     FileChangedError,
+    LedgerError,
     FileVanishedError,
     PermanentUploadError,
     RetryableUploadError,
@@ -43,6 +44,9 @@ from uploader.ledger import (
 from uploader.retry import deferral_delay_s, upload_with_retry
 
 log = structlog.get_logger("uploader.uploads")
+
+#: Seconds between attempts to record a confirmed upload while the ledger is unwritable.
+_LEDGER_RETRY_S = 5.0
 
 #: Local errors that mean "try again later", such as a share that is briefly away.
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.EIO, errno.ETIMEDOUT, errno.EHOSTDOWN,
@@ -86,9 +90,17 @@ class Uploader:
             await self.gate.wait_open()
             free = workers - len(self.in_flight)
             if free > 0:
-                rows = await self.rt.ledger.next_ready(
-                    now=time.time(), limit=free + len(self._busy_keys) + 8,
-                    include_uncertain=include_uncertain, exclude=list(self.in_flight))
+                try:
+                    rows = await self.rt.ledger.next_ready(
+                        now=time.time(), limit=free + len(self._busy_keys) + 8,
+                        include_uncertain=include_uncertain, exclude=list(self.in_flight))
+                except Exception as exc:  # noqa: BLE001 - the loop must outlive ledger errors
+                    rows = []
+                    self.rt.warn_once("upload.deferred", client=None, path=None,
+                                      level="error", cause=f"{type(exc).__name__}: {exc}",
+                                      message="Reading the queue from the ledger failed; the "
+                                      "daemon keeps trying.",
+                                      action="Check the disk holding the ledger.")
                 self._start(rows, free)
             self.rt.work_available.clear()
             try:
@@ -278,8 +290,8 @@ class Uploader:
     # -- outcomes ------------------------------------------------------------------
 
     async def _record_success(self, row: FileRow, result: UploadResult, started: float) -> None:
-        row = await self.rt.ledger.update(
-            row.id, state=State.UPLOADED, remote_id=result.remote_id, uploaded_at=time.time(),
+        row = await self._write_until_stored(
+            row, state=State.UPLOADED, remote_id=result.remote_id, uploaded_at=time.time(),
             last_error=None, next_attempt_at=None)
         self.gate.note_success()
         self.counters.uploaded += 1
@@ -288,6 +300,23 @@ class Uploader:
                  state=State.UPLOADED, elapsed_ms=round((time.monotonic() - started) * 1000),
                  possible_duplicate=bool(row.possible_duplicate))
         await self._dispose(row)
+
+    async def _write_until_stored(self, row: FileRow, **values: object) -> FileRow:
+        """
+        Record a confirmed upload, retrying while the ledger cannot be written (a full
+        disk), because losing this row would send the file again.
+        """
+        while True:
+            try:
+                return await self.rt.ledger.update(row.id, **values)
+            except LedgerError as exc:
+                self.rt.warn_once("upload.succeeded", client=row.client_id,
+                                  path=row.display_path, level="error", cause=str(exc),
+                                  remote_id=values.get("remote_id"),
+                                  message="The file is in coreplus, but the ledger cannot be "
+                                  "written; the daemon keeps trying.",
+                                  action="Free space on the disk holding the ledger.")
+                await asyncio.sleep(_LEDGER_RETRY_S)
 
     async def _record_failure(self, row: FileRow, exc: Exception, started: float) -> None:
         if isinstance(exc, RetryableUploadError):
