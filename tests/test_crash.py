@@ -162,3 +162,19 @@ async def test_changed_during_upload_goes_up_once(standin: StandIn, setup: Setup
     assert len(got) == 1
     assert Path(got[0]["stored_path"]).read_bytes() == final
     assert setup.rows()[0].possible_duplicate == 0
+
+
+async def test_deleted_during_upload_vanishes(standin: StandIn, setup: Setup) -> None:
+    """A file deleted while its body streams is dropped quietly; the service stores nothing."""
+    path = setup.drop("Alpha Person", "gone.bin", os.urandom(4 * 1024 * 1024))
+    daemon = await run_daemon(setup, "-P", str(path), "-e", "trace=read",
+                              "-e", "inject=read:delay_enter=150000")
+    await wait_until(lambda: any(r.state == State.UPLOADING for r in setup.rows()),
+                     timeout_s=30, what="upload in flight")
+    path.unlink()
+    await wait_until(lambda: [r.state for r in setup.rows()] == [State.VANISHED],
+                     timeout_s=30, what="vanished row")
+    await stop(daemon)
+
+    assert await received(standin.url) == []
+    assert list(setup.failed.rglob("*")) == []
