@@ -469,7 +469,7 @@ class Ledger:
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE unmapped SET last_seen_at = ?, problem = ? WHERE rel_path = ?",
-                (now, problem, rel_path),
+                (now, _printable(problem), rel_path),
             )
             if cur.rowcount:
                 return False

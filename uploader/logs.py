@@ -24,7 +24,11 @@ from uploader.constants import REPEAT_LOG_INTERVAL_S
 _SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 
 #: Fields that carry file or folder names, replaced when ``log.file_names = "hide"``.
-_NAME_FIELDS = ("path", "folder", "archive_path", "failed_path", "name")
+_NAME_FIELDS = ("path", "folder", "archive_path", "failed_path", "name", "earlier_path")
+
+#: Free-text fields that may quote a hidden name; ``event``, ``level`` and ``timestamp``
+#: are never touched.
+_TEXT_FIELDS = ("error", "message", "action", "traceback", "exception", "cause")
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
@@ -70,14 +74,25 @@ class NameHider:
                 names[value] = self.token(value)
                 event[key] = names[value]
         # Error texts often quote the same path (an OSError names the file), so replace
-        # each hidden name inside the other text fields too, longest first.
-        for key, value in event.items():
-            if key in _NAME_FIELDS or not isinstance(value, str):
-                continue
-            for name in sorted(names, key=len, reverse=True):
-                value = value.replace(name, names[name])
-            event[key] = value
+        # each hidden name inside the free-text fields too, longest first.
+        ordered = sorted(names, key=len, reverse=True)
+        for key in _TEXT_FIELDS:
+            if key in event:
+                event[key] = _replace_names(event[key], ordered, names)
         return event
+
+
+def _replace_names(value: Any, ordered: list[str], tokens: dict[str, str]) -> Any:
+    """Replace hidden names in a text, or in the texts inside a rendered traceback."""
+    if isinstance(value, str):
+        for name in ordered:
+            value = value.replace(name, tokens[name])
+        return value
+    if isinstance(value, list):
+        return [_replace_names(item, ordered, tokens) for item in value]
+    if isinstance(value, dict):
+        return {key: _replace_names(item, ordered, tokens) for key, item in value.items()}
+    return value
 
 
 def configure_logging(
@@ -105,11 +120,17 @@ def configure_logging(
         _add_timestamp,
         _replace_surrogates,
     ]
+    # Tracebacks become text or dicts before names are hidden, so the hider sees them;
+    # frame locals are left out because they can hold names and credentials.
+    if use_json:
+        processors.append(structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
+    elif hide_key is not None:
+        processors.append(structlog.processors.format_exc_info)
     if hide_key is not None:
         processors.append(NameHider(hide_key))
     if use_json:
         processors += [
-            structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(ensure_ascii=False),
         ]
         if under_journald:
