@@ -279,6 +279,17 @@ class TestCommand:
             assert await alerter.send([DISK]) == []
         assert again == []
 
+    async def test_failure_does_not_block_new_causes(self, tmp_path: Path) -> None:
+        """After every channel failed for one cause, a new cause is still tried at once."""
+        failing, _ = recorder_script(tmp_path, exit_code=3)
+        alerter = Alerter(AlertConfig(command=failing), SentRegister(None), hostname="srv")
+        assert await alerter.send([DISK]) == []
+        with capture_logs() as logs:
+            assert await alerter.send([DISK, FAILED]) == []
+        raised = [entry for entry in logs if entry["event"] == "alert.raised"]
+        assert len(raised) == 1
+        assert raised[0]["count"] == 1
+
     async def test_command_missing_program(self, tmp_path: Path) -> None:
         """A program that does not exist logs alert.failed and does not raise."""
         alerter = Alerter(AlertConfig(command=str(tmp_path / "nope")), SentRegister(None))

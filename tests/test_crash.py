@@ -178,3 +178,25 @@ async def test_deleted_during_upload_vanishes(standin: StandIn, setup: Setup) ->
 
     assert await received(standin.url) == []
     assert list(setup.failed.rglob("*")) == []
+
+
+async def test_unreadable_file_held_then_retried(standin: StandIn, setup: Setup) -> None:
+    """EACCES on a settled file holds it; `retry` after the fix settles and uploads it."""
+    path = setup.drop("Alpha Person", "locked.txt", b"permissions fixed later")
+    daemon = await run_daemon(setup, "-P", str(path), "-e", "trace=openat",
+                              "-e", "inject=openat:error=EACCES:when=1")
+    await wait_until(lambda: [r.state for r in setup.rows()] == [State.HELD],
+                     timeout_s=30, what="held row")
+    held = setup.rows()[0]
+    assert "may not read" in (held.last_error or "")
+    retry = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "uploader", "retry", "--all", "--config", str(setup.config_path),
+        stdout=asyncio.subprocess.DEVNULL)
+    assert await retry.wait() == 0
+    await wait_until(lambda: [r.state for r in setup.rows()] == [State.UPLOADED],
+                     timeout_s=30, what="upload after retry")
+    await stop(daemon)
+
+    got = await received(standin.url)
+    assert len(got) == 1
+    assert Path(got[0]["stored_path"]).read_bytes() == b"permissions fixed later"

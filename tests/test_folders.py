@@ -261,3 +261,13 @@ def test_bracketed_guid_with_other_clients_alias_is_unmapped() -> None:
     assert wrong.problem is not None and alpha in wrong.problem
     assert right.client_id == alpha
     assert unknown_name.client_id == bravo
+
+
+def test_two_guids_in_name_is_unmapped() -> None:
+    """A folder name carrying two client ids maps to neither."""
+    alpha, bravo = "54c8f0b4-632b-49af-99e8-cf729198846d", "0ed45329-5157-40a6-b055-8d5ccf67fc9e"
+
+    result = resolve_folder(f"X [{alpha}] [{bravo}]", {})
+
+    assert result.client_id is None
+    assert result.problem is not None and "more than one" in result.problem

@@ -198,7 +198,9 @@ class Alerter:
         self.register = register
         self.hostname = hostname or socket.gethostname()
         self._environ = os.environ if environ is None else environ
-        self._retry_at = 0.0
+        # Causes whose last delivery failed on every channel, with when to try again.
+        # A new cause is still sent at once, so one failure never silences the rest.
+        self._retry_at: dict[str, float] = {}
 
     @property
     def channels(self) -> list[str]:
@@ -212,11 +214,11 @@ class Alerter:
 
         Returns:
             The alerts reported now; empty when all were reported earlier today, or
-            while waiting to retry after every channel failed.
+            are waiting to be retried after every channel failed for them.
         """
-        if time.monotonic() < self._retry_at:
-            return []
-        fresh = self.register.unsent(alerts)
+        now = time.monotonic()
+        fresh = [alert for alert in self.register.unsent(alerts)
+                 if self._retry_at.get(alert.cause, 0.0) <= now]
         if not fresh:
             return []
         subject, body = compose(fresh, self.hostname)
@@ -225,7 +227,8 @@ class Alerter:
                     channels=self.channels, message=body)
         results = [await self._deliver(channel, subject, body, kinds) for channel in self.channels]
         if results and not any(results):
-            self._retry_at = time.monotonic() + RETRY_AFTER_FAILURE_S
+            for alert in fresh:
+                self._retry_at[alert.cause] = now + RETRY_AFTER_FAILURE_S
             return []
         self.register.record(fresh)
         return fresh

@@ -21,7 +21,7 @@ from uploader.constants import ExitCode, State
 from uploader.credentials import load_credentials
 from uploader.daemon import Daemon, RunOptions
 from uploader.exceptions import ConfigError, LedgerError
-from uploader.ledger import Ledger
+from uploader.ledger import DISPOSITION_RETRIED, Ledger
 from uploader.logs import configure_logging
 
 DEFAULT_CONFIG = Path("/etc/coreplus-uploader/config.toml")
@@ -290,7 +290,7 @@ def _restore_failed(ledger: Ledger, config: Config,
             problems.append(f"could not move #{row.id} {row.final_path} back to the drop "
                             f"folder: {exc}. Move it back by hand.")
             continue
-        ledger.update(row.id, disposition="moved back for retry", final_path=None)
+        ledger.update(row.id, disposition=DISPOSITION_RETRIED, final_path=None)
         restored.append(row.id)
     return restored, problems
 
@@ -331,6 +331,11 @@ def _ledger(args: argparse.Namespace, config: Config) -> int:
             _print_result(args, {"backup": str(args.file)}, f"Wrote a copy to {args.file}.")
     except FileExistsError as exc:
         print(f"coreplus-uploader: {exc.filename} exists already; choose a new file name",
+              file=sys.stderr)
+        return ExitCode.USAGE
+    except OSError as exc:
+        print(f"coreplus-uploader: cannot write {exc.filename or 'the output file'}: "
+              f"{exc.strerror or exc}. Check that the folder exists and is writable.",
               file=sys.stderr)
         return ExitCode.USAGE
     finally:

@@ -410,6 +410,8 @@ class Daemon:
         if aliases != self.rt.aliases:
             self.rt.aliases = aliases
             log.info("config.reloaded", clients=len(aliases))
+            # Files already waiting in a newly mapped folder sent no event of their own.
+            self._spawn(self._run_job(self._rescan))
 
     async def _every(self, interval_s: float, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
         while not self.rt.stopping.is_set():

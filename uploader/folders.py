@@ -85,6 +85,10 @@ def parse_guid(text: str) -> str | None:
     return None if match is None else _guid_from_match(match)
 
 
+_ALL_GUIDS_RE = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def _trailing_guid(name: str) -> str | None:
     match = _TRAILING_GUID_RE.search(name)
     return None if match is None else _guid_from_match(match)
@@ -110,6 +114,13 @@ def _unmapped_problem() -> str:
         "Rename the folder to end in the client id in brackets, for example "
         "'Nguyen, Thi [1b4e28ba-2fa1-11d2-883f-0016d3cca427]', "
         "or add an alias for it under [clients] in the configuration."
+    )
+
+
+def _several_ids_problem() -> str:
+    return (
+        "The folder name contains more than one client id, so it is unclear which client "
+        "its files belong to. Rename the folder so that it ends in exactly one client id."
     )
 
 
@@ -145,6 +156,8 @@ def resolve_folder(name: str, aliases: Mapping[str, str]) -> Resolution:
     if named_id is None:
         named_id = _trailing_guid(name)
         rule = "bracketed"
+        if named_id is not None and len(set(_ALL_GUIDS_RE.findall(name.lower()))) > 1:
+            return Resolution(None, None, _several_ids_problem())
     if named_id is None:
         if alias_id is None:
             return Resolution(None, None, _unmapped_problem())

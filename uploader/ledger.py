@@ -75,6 +75,8 @@ DISPOSITION_DELETED = "deleted"
 DISPOSITION_KEPT = "kept"
 DISPOSITION_PENDING = "pending"
 DISPOSITION_FAILED_DIR = "moved to failed folder"
+#: A failed file that `retry` moved back into its drop folder; the row is history.
+DISPOSITION_RETRIED = "moved back for retry"
 
 #: Rows whose file is still expected at its path in the drop folder, so a scan that
 #: finds the same version must not treat it as new.

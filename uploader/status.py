@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from uploader.constants import State
-from uploader.ledger import FileRow, Ledger, LedgerLock
+from uploader.ledger import DISPOSITION_RETRIED, FileRow, Ledger, LedgerLock
 
 #: States listed file by file, because someone may need to act on them.
 _LISTED = (State.FAILED, State.HELD, State.DEFERRED, State.UNCERTAIN, State.WAITING,
@@ -74,7 +74,8 @@ def collect(ledger_path: Path) -> dict[str, Any]:
     try:
         facts = ledger.get_status()
         counts = ledger.count_by_state()
-        files = {str(state): [_file_entry(r) for r in ledger.rows_in_state(state)]
+        files = {str(state): [_file_entry(r) for r in ledger.rows_in_state(state)
+                              if r.disposition != DISPOSITION_RETRIED]
                  for state in _LISTED}
         report = {
             "running": running,
@@ -89,6 +90,7 @@ def collect(ledger_path: Path) -> dict[str, Any]:
             "unmapped": [{**u, "first_seen_at": local_time(u["first_seen_at"]),  # type: ignore[arg-type]
                           "last_seen_at": local_time(u["last_seen_at"])}  # type: ignore[arg-type]
                          for u in ledger.unmapped()],
+            "pending_moves": [_file_entry(r) for r in ledger.pending_dispositions()],
             "recent": [_file_entry(r) for r in ledger.recent(State.UPLOADED, State.DUPLICATE)],
             "possible_duplicates": [_file_entry(r) for r in ledger.possible_duplicates()],
             "generated_at": local_time(time.time()),
@@ -116,6 +118,12 @@ def render_text(report: dict[str, Any]) -> str:
                  f"total; {counts['duplicate']} duplicates skipped.")
     for state in ("failed", "held", "uncertain", "deferred", "waiting", "queued", "uploading"):
         _render_files(lines, state, report["files"][state])
+    if report["pending_moves"]:
+        lines.append("")
+        lines.append("Uploaded, but not yet moved out of the drop folder (retried every "
+                     "minute; never uploaded again):")
+        for entry in report["pending_moves"]:
+            lines.append(f"  #{entry['id']} {entry['path']}")
     if report["recent"]:
         lines.append("")
         lines.append("Recent uploads:")

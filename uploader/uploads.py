@@ -196,6 +196,11 @@ class Uploader:
         current = await self._current_stat(row)
         if current is None:
             return
+        if row.sha256 is None:
+            # Held before it was ever hashed (an unreadable file) and then retried:
+            # settle and hash it like a new file.
+            await self._back_to_waiting(row)
+            return
         if self.rt.config.upload.skip_duplicates and await self._is_duplicate(row):
             return
         await self._upload(row)
