@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ LIFETIME_S = 60
 @dataclass(frozen=True)
 class Account:
     """
-    What one clinic's add-on needs to call coreplus.
+    The address and credentials one clinic's add-on uses to call coreplus.
     """
 
     base_url: str
@@ -71,7 +72,7 @@ def upload_file(http: requests.Session, account: Account, path: Path, client_id:
     Upload one file to a client's record and return the id coreplus gave it.
 
     Raises:
-        UploadRejectedError: Any answer other than 200 with the right size.
+        UploadRejectedError: Any response other than 200 with the right size.
         requests.RequestException: The connection failed.
     """
     url = account.base_url + FILE_PATH
@@ -105,3 +106,21 @@ def upload_all(account: Account, files: list[tuple[Path, str]]) -> float:
             upload_file(http, account, path, client_id)
     return time.monotonic() - start
 
+
+
+def upload_parallel(account: Account, files: list[tuple[Path, str]], clients: int) -> float:
+    """
+    Run ``clients`` sequential clients at once, each on its own share of ``files``.
+
+    This shows how fast ``clients`` uploads in flight can go on this machine when
+    nothing else happens between them.
+
+    Returns:
+        The wall-clock seconds taken.
+    """
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        shares = [pool.submit(upload_all, account, files[i::clients]) for i in range(clients)]
+        for share in shares:
+            share.result()
+    return time.monotonic() - start

@@ -18,6 +18,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -189,6 +190,20 @@ def write_credentials(folder: Path) -> Credentials:
 # -- the stand-in -----------------------------------------------------------------------
 
 
+def _storage_folder(work: Path) -> Path:
+    """
+    Return a new folder for the stand-in's received files.
+
+    The folder is in /dev/shm when that exists, so the stand-in's writes do not compete
+    with the daemon's fsyncs for the disk, just as coreplus's own storage would not.
+    Otherwise it is under ``work``.
+    """
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix="coreplus-bench-standin-", dir=shm))
+    return work / "received"
+
+
 class StandInProcess:
     """
     A stand-in started with ``coreplus-uploader stand-in`` on a free loopback port.
@@ -196,7 +211,7 @@ class StandInProcess:
     Args:
         work: A folder for its storage, client list and log.
         credentials: The secret and access token it accepts.
-        client_list: The client GUIDs it knows.
+        client_list: The client GUIDs it accepts.
         latency_ms: Delay added before every API response.
         rate_limit: Requests allowed per second; 0 turns the limit off.
         cpus: A ``taskset -c`` CPU list, or None.
@@ -205,7 +220,7 @@ class StandInProcess:
     def __init__(self, work: Path, credentials: Credentials, client_list: list[str], *,
                  latency_ms: float = 0.0, rate_limit: int = 10, cpus: str | None = None) -> None:
         self.work = work
-        self.storage = work / "received"
+        self.storage = _storage_folder(work)
         self.credentials = credentials
         self._client_list = client_list
         self._options = ["--latency-ms", str(latency_ms), "--rate-limit", str(rate_limit)]
@@ -246,7 +261,7 @@ class StandInProcess:
         return self._process.pid
 
     def control(self, method: str, path: str, body: Any = None) -> Any:
-        """Call a ``/_standin/`` control endpoint and return its JSON answer."""
+        """Call a ``/_standin/`` control endpoint and return the decoded JSON response."""
         response = self._http.request(method, f"{self.url}/_standin/{path}", json=body,
                                       timeout=120)
         response.raise_for_status()
@@ -263,7 +278,7 @@ class StandInProcess:
         return result
 
     def ok_count(self) -> int:
-        """Return how many API requests were answered 200."""
+        """Return how many API requests got a 200 response."""
         return int(self.stats()["by_status"].get("200", 0))
 
     def stop(self) -> None:
@@ -523,3 +538,34 @@ def state_counts(path: Path) -> dict[str, int]:
     """Return how many ledger rows are in each state."""
     rows = ledger_rows(path, "SELECT state, COUNT(*) FROM files GROUP BY state")
     return {state: count for state, count in rows}
+
+
+# -- what every phase gets --------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """
+    Settings shared by the phases of one bench run.
+
+    Attributes:
+        work: A scratch folder; each phase uses a subfolder.
+        quick: Run small versions of every phase.
+        cpus: Where to pin the stand-in and the daemon.
+        cache: Data that one phase builds and a later one reuses.
+    """
+
+    work: Path
+    quick: bool
+    cpus: CpuPlan
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def progress(self, message: str) -> None:
+        """Print a progress line to stderr, so stdout carries only the table."""
+        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    def folder(self, name: str) -> Path:
+        """Return the scratch subfolder ``name``, created empty if it does not exist."""
+        path = self.work / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
