@@ -32,7 +32,7 @@ from uploader.check import (
     run_check,
 )
 from uploader.constants import ExitCode
-from uploader.ledger import Ledger
+from uploader.ledger import SCHEMA_VERSION, Ledger
 from uploader.standin import StandIn, StandInSettings
 
 UNKNOWN = "00000000-0000-4000-8000-00000000dead"
@@ -196,7 +196,7 @@ class TestLedger:
         """An existing ledger passes SQLite's check and shows its schema version."""
         Ledger.open(setup.ledger).close()
         report = run_check(setup.config_path, unit_path=write_unit(tmp_path, setup))
-        assert f"The ledger {setup.ledger} passed SQLite's check (schema 1)." in messages(
+        assert f"The ledger {setup.ledger} passed SQLite's check (schema {SCHEMA_VERSION})." in messages(
             report, "ok")
 
     def test_ledger_damaged(self, setup: Setup, tmp_path: Path) -> None:

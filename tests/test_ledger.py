@@ -27,6 +27,7 @@ from uploader.ledger import (
     DISPOSITION_KEPT,
     DISPOSITION_PENDING,
     SCHEMA_VERSION,
+    _SCHEMA_V1,
     FileRow,
     Ledger,
     LedgerLock,
@@ -697,3 +698,28 @@ class TestSurrogates:
         ledger.record_unmapped(b"Loose", "Loose", problem)
         assert ledger.record_unmapped(b"Loose", "Loose", problem) is False
         assert ledger.unmapped()[0]["problem"] == "no client for Loose \ufffd"
+
+
+def test_schema_1_ledger_is_upgraded(tmp_path: Path) -> None:
+    """A ledger written at schema 1 gains the new index and version 2 when opened."""
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA_V1)
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO files (rel_path, display_path, size, mtime_ns, ctime_ns, state, "
+               "first_seen_at, updated_at) VALUES (x'61', 'a', 1, 1, 1, 'uploaded', 1, 1)")
+    db.commit()
+    db.close()
+
+    ledger = Ledger.open(path)
+    try:
+        version = ledger._db.execute("PRAGMA user_version").fetchone()[0]
+        indexes = {r[0] for r in ledger._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        rows = list(ledger.all_rows())
+    finally:
+        ledger.close()
+
+    assert version == 2
+    assert "files_state_uploaded" in indexes
+    assert [r.display_path for r in rows] == ["a"]

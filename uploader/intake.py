@@ -165,16 +165,20 @@ class Intake:
         if not stat.S_ISREG(st.st_mode) or self._parent_is_link(rel):
             self._report_skipped(rel, kind_of(st.st_mode))
             return
-        await self._track(rel, resolution.client_id, folder, StatSnapshot.of(st))
+        await self._track(rel, resolution.client_id, folder, StatSnapshot.of(st),
+                          from_event=from_event)
 
     async def _track(self, rel: str, client_id: str, folder: str,
-                     snap: StatSnapshot) -> None:
+                     snap: StatSnapshot, *, from_event: bool = False) -> None:
         now = time.monotonic()
         tracked = self.tracked.get(rel)
         if tracked is not None:
-            settle.observe(tracked, snap, now)
-            settle.touch(tracked, now)
-            self.due[rel] = now + self.rules.settle_s
+            changed = settle.observe(tracked, snap, now)
+            # A rescan that finds the file unchanged says nothing new, so only a change
+            # or a watcher event restarts the settle window.
+            if changed or from_event:
+                settle.touch(tracked, now)
+                self.due[rel] = now + self.rules.settle_s
             return
         if rel in self._hashing or rel in self._claiming:
             # Another scan or event is already looking this path up in the ledger; a

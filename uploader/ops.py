@@ -224,7 +224,7 @@ class Operations:
         facts = await ledger.get_status()
         failed = await ledger.rows_in_state(State.FAILED)
         snapshot = Snapshot(
-            counts=await ledger.count_by_state(),
+            counts=await ledger.count_by_state(*QUEUE_STATES, State.FAILED, State.HELD),
             uploaded_today=await ledger.count_uploaded_since(start_of_today(now)),
             paused=facts.get("paused"), paused_action=facts.get("paused_action"),
             failed=await asyncio.to_thread(_still_in_failed_folder, failed),

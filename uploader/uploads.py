@@ -262,7 +262,6 @@ class Uploader:
         rt = self.rt
         upload = rt.config.upload
         started = time.monotonic()
-        await rt.ledger.update(row.id, state=State.UPLOADING, next_attempt_at=None)
         request = UploadRequest(
             path=os.fsencode(rt.root / row.rel_path_str), client_id=row.client_id or "",
             name=_display_name(row), size=row.size, sha256=row.sha256 or "",
@@ -272,7 +271,10 @@ class Uploader:
         async def before_attempt(number: int) -> None:
             nonlocal attempts
             attempts += 1
-            await rt.ledger.update(row.id, attempts=attempts)
+            # One commit marks the row uploading and counts the attempt, before the
+            # first byte of each try is sent.
+            await rt.ledger.update(row.id, state=State.UPLOADING, attempts=attempts,
+                                   next_attempt_at=None)
             log.info("upload.started", client=row.client_id, path=row.display_path,
                      size=row.size, attempt=attempts)
 
