@@ -13,6 +13,7 @@ import email.utils
 import os
 import socket
 import ssl
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -473,7 +474,7 @@ async def test_drop_folder_renamed_while_waiting(standin: StandIn,
 
 
 async def test_special_files_are_skipped(standin: StandIn, setup_factory: SetupFactory) -> None:
-    """FIFOs, sockets and symlinks (to files or folders) are skipped; regular files go up."""
+    """FIFOs, sockets, devices and symlinks are skipped, never opened; regular files go up."""
     setup = setup_factory()
     folder = setup.root / "Alpha Person"
     folder.mkdir()
@@ -487,6 +488,7 @@ async def test_special_files_are_skipped(standin: StandIn, setup_factory: SetupF
     outside_dir.mkdir()
     (outside_dir / "inner.txt").write_bytes(b"behind a folder link")
     (folder / "linked-dir").symlink_to(outside_dir)
+    os.mknod(folder / "null.pdf", stat.S_IFCHR | 0o600, os.makedev(1, 3))
     setup.drop("Alpha Person", "real.txt", b"regular")
     try:
         async with DaemonRunner(setup):
@@ -575,3 +577,27 @@ async def test_full_ledger_disk_recovers(standin: StandIn, setup_factory: SetupF
     got = await received(standin.url)
     assert sorted(u["name"] for u in got) == sorted(
         ["before.txt"] + [f"during{index}.txt" for index in range(5)])
+
+
+async def test_share_unmounted_and_remounted(standin: StandIn, setup_factory: SetupFactory,
+                                             mounts: Callable[..., None], tmp_path: Path) -> None:
+    """A drop root that is unmounted and mounted again: the watcher returns, nothing re-uploads."""
+    backing = tmp_path / "share"
+    backing.mkdir()
+    setup = setup_factory(upload={"after_success": "keep"}, watch={"rescan_seconds": 1})
+    mounts("--bind", str(backing), target=setup.root)
+    setup.drop("Alpha Person", "kept.txt", b"stays on the share")
+    async with DaemonRunner(setup):
+        await wait_until(lambda: rows_in(setup, State.UPLOADED), what="first upload")
+        subprocess.run(["umount", str(setup.root)], check=True)
+        await asyncio.sleep(3.0)
+        subprocess.run(["mount", "--bind", str(backing), str(setup.root)], check=True)
+        await asyncio.sleep(4.0)
+        setup.drop("Bravo Person", "new.txt", b"after the remount")
+        await wait_until(lambda: len(rows_in(setup, State.UPLOADED)) == 2, timeout_s=20,
+                         what="upload after the remount")
+        await asyncio.sleep(2.0)
+
+    got = await received(standin.url)
+    assert sorted(u["name"] for u in got) == ["kept.txt", "new.txt"]
+    assert [r.state for r in setup.rows()] == [State.UPLOADED, State.UPLOADED]
