@@ -7,12 +7,14 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
-from types import SimpleNamespace
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from harness import Setup, make_setup
 from uploader.standin import DEMO_CLIENTS, StandIn, StandInSettings, start_standin
 
 # --- stand-in fixtures ---------------------------------------------------------
@@ -64,3 +66,17 @@ def tls_files(tmp_path: Path) -> SimpleNamespace:
         capture_output=True,
     )
     return SimpleNamespace(cert=cert, key=key)
+
+
+# --- installations for daemon tests ----------------------------------------------
+
+
+@pytest.fixture
+def setup_factory(tmp_path: Path, standin: StandIn,
+                  standin_settings: StandInSettings) -> Callable[..., Setup]:
+    """Build an installation pointing at the stand-in; keyword args override tables."""
+
+    def build(**overrides: dict[str, Any]) -> Setup:
+        return make_setup(tmp_path, standin.url, standin_settings, **overrides)
+
+    return build

@@ -9,28 +9,14 @@ import asyncio
 import hashlib
 import os
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-import pytest
 
 from standin_helpers import add_faults, received, received_content, stats
-from harness import ALPHA, BRAVO, CHARLIE, DaemonRunner, Setup, make_setup, wait_until
+from harness import ALPHA, BRAVO, CHARLIE, DaemonRunner, Setup, wait_until
 from uploader.constants import State
-from uploader.standin import StandIn, StandInSettings
+from uploader.standin import StandIn
 
 SetupFactory = Callable[..., Setup]
-
-
-@pytest.fixture
-def setup_factory(tmp_path: Path, standin: StandIn,
-                  standin_settings: StandInSettings) -> SetupFactory:
-    """Build a test installation pointing at the stand-in; keyword args override tables."""
-
-    def build(**overrides: dict[str, Any]) -> Setup:
-        return make_setup(tmp_path, standin.url, standin_settings, **overrides)
-
-    return build
 
 
 def by_state(setup: Setup, state: str) -> list[str]:

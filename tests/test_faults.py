@@ -32,17 +32,6 @@ from uploader.standin import StandIn, StandInSettings, start_standin
 SetupFactory = Callable[..., Setup]
 
 
-@pytest.fixture
-def setup_factory(tmp_path: Path, standin: StandIn,
-                  standin_settings: StandInSettings) -> SetupFactory:
-    """Build an installation pointing at the stand-in; keyword args override tables."""
-
-    def build(**overrides: dict[str, Any]) -> Setup:
-        return make_setup(tmp_path, standin.url, standin_settings, **overrides)
-
-    return build
-
-
 def rows_in(setup: Setup, state: str) -> list[Any]:
     return [r for r in setup.rows() if r.state == state]
 
