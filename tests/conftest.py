@@ -7,14 +7,14 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from harness import Setup, make_setup
+from harness import Setup, kill_spawned, make_setup
 from uploader.standin import DEMO_CLIENTS, StandIn, StandInSettings, start_standin
 
 # --- stand-in fixtures ---------------------------------------------------------
@@ -80,3 +80,10 @@ def setup_factory(tmp_path: Path, standin: StandIn,
         return make_setup(tmp_path, standin.url, standin_settings, **overrides)
 
     return build
+
+
+@pytest.fixture(autouse=True)
+def _kill_spawned_processes() -> Iterator[None]:
+    """Kill every daemon a test started with ``harness.spawn``, even after a failure."""
+    yield
+    kill_spawned()

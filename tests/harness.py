@@ -6,7 +6,10 @@ configuration, start and stop the daemon in-process, and wait for ledger states.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import sqlite3
 import time
 from collections.abc import Callable
@@ -168,3 +171,25 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0,
 def states(setup: Setup) -> dict[str, str]:
     """Map each row's display path to its state (the newest row wins)."""
     return {row.display_path: row.state for row in setup.rows()}
+
+
+_spawned: list[asyncio.subprocess.Process] = []
+
+
+async def spawn(*command: str, **options: Any) -> asyncio.subprocess.Process:
+    """
+    Start a subprocess in its own session and remember it, so ``kill_spawned`` can
+    end it (and any child, such as the daemon under strace) when a test fails half-way.
+    """
+    process = await asyncio.create_subprocess_exec(*command, start_new_session=True, **options)
+    _spawned.append(process)
+    return process
+
+
+def kill_spawned() -> None:
+    """Kill the process group of every subprocess ``spawn`` started that still runs."""
+    while _spawned:
+        process = _spawned.pop()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)

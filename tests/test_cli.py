@@ -5,18 +5,16 @@ The command line run as real subprocesses: signals, exit codes, status and impor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import sqlite3
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from harness import Setup, make_setup, wait_until
+from harness import Setup, make_setup, spawn, wait_until
 from standin_helpers import add_faults, received
 from uploader.constants import ExitCode, State
 from uploader.standin import StandIn, StandInSettings
@@ -29,28 +27,12 @@ def setup(tmp_path: Path, standin: StandIn, standin_settings: StandInSettings) -
                       upload={"workers": 1, "shutdown_grace_seconds": 10})
 
 
-_started: list[asyncio.subprocess.Process] = []
-
-
-@pytest.fixture(autouse=True)
-def kill_leftovers() -> Iterator[None]:
-    """Kill every process a test started, even when the test failed half-way."""
-    yield
-    while _started:
-        process = _started.pop()
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-
-
 async def start_cli(setup: Setup, *args: str) -> asyncio.subprocess.Process:
     """Start `python -m uploader` with the setup's configuration."""
-    process = await asyncio.create_subprocess_exec(
+    return await spawn(
         sys.executable, "-m", "uploader", *args, "--config", str(setup.config_path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    _started.append(process)
-    return process
 
 
 async def run_cli(setup: Setup, *args: str) -> tuple[int, str, str]:

@@ -7,17 +7,15 @@ document is uploaded once (or flagged when it may have gone up twice).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from harness import Setup, make_setup, wait_until
+from harness import Setup, make_setup, spawn, wait_until
 from standin_helpers import received
 from uploader.constants import State
 from uploader.standin import StandIn, StandInSettings
@@ -31,30 +29,13 @@ def setup(tmp_path: Path, standin: StandIn, standin_settings: StandInSettings) -
     return make_setup(tmp_path, standin.url, standin_settings)
 
 
-_started: list[asyncio.subprocess.Process] = []
-
-
-@pytest.fixture(autouse=True)
-def kill_leftovers() -> Iterator[None]:
-    """Kill every daemon a test started, even when the test failed half-way."""
-    yield
-    while _started:
-        process = _started.pop()
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-
-
 async def run_daemon(setup: Setup, *strace_args: str) -> asyncio.subprocess.Process:
     """Start `coreplus-uploader run`, under strace when arguments are given."""
     command = [sys.executable, "-m", "uploader", "run", "--config", str(setup.config_path)]
     if strace_args:
         command = ["strace", "-f", "-qq", "-o", "/dev/null", *strace_args, *command]
-    process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        start_new_session=True)
-    _started.append(process)
-    return process
+    return await spawn(*command, stdout=asyncio.subprocess.DEVNULL,
+                       stderr=asyncio.subprocess.DEVNULL)
 
 
 async def stop(process: asyncio.subprocess.Process) -> None:

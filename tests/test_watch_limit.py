@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Setup, make_setup, wait_until
+from harness import Setup, make_setup, spawn, wait_until
 from standin_helpers import received
 from uploader.constants import State
 from uploader.standin import StandIn, StandInSettings
@@ -49,7 +49,7 @@ async def test_watch_limit_falls_back_to_polling(standin: StandIn, setup: Setup)
     """With inotify watches used up, the daemon polls, warns once naming the sysctl, and uploads."""
     script = (f"echo 4 > /proc/sys/user/max_inotify_watches && exec {sys.executable} "
               f"-m uploader run --config '{setup.config_path}'")
-    daemon = await asyncio.create_subprocess_exec(
+    daemon = await spawn(
         "unshare", "-U", "-r", "sh", "-c", script,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     await asyncio.sleep(2.0)

@@ -22,7 +22,7 @@ from watchfiles import Change
 
 from uploader import settle
 from uploader.constants import CHUNK_BYTES, State
-from uploader.context import Runtime
+from uploader.context import Runtime, daemon_user
 from uploader.ledger import FileRow
 from uploader.settle import SettleRules, StatSnapshot, TrackedFile, Verdict
 from uploader.watcher import kind_of, scan_tree
@@ -346,8 +346,6 @@ class Intake:
         rt.work_available.set()
 
     async def _hash_failed(self, rel: str, tracked: TrackedFile, exc: OSError) -> None:
-        from uploader.context import daemon_user
-
         assert tracked.row_id is not None
         row = await self.rt.ledger.get(tracked.row_id)
         if isinstance(exc, PermissionError):

@@ -41,6 +41,7 @@ from uploader.ledger import (
     DISPOSITION_PENDING,
     FileRow,
 )
+from uploader.multipart import display_name
 from uploader.retry import deferral_delay_s, upload_with_retry
 
 log = structlog.get_logger("uploader.uploads")
@@ -454,6 +455,4 @@ class Uploader:
 
 
 def _display_name(row: FileRow) -> str:
-    from uploader.multipart import display_name
-
     return display_name(os.path.basename(row.rel_path))
