@@ -174,8 +174,8 @@ async def test_transient_faults_then_one_upload(standin: StandIn,
     setup = setup_factory()
     await add_faults(standin.url, {"kind": "status", "status": 503, "retry_after": "1"},
                      {"kind": "reset_before_body"})
-    # Large enough that the stand-in's reset arrives while the body is still being sent;
-    # a small body may already sit whole in the socket buffer, which is "uncertain".
+    # Large enough that the stand-in's reset arrives while the body is still being sent,
+    # because a small body may already sit whole in the socket buffer ("uncertain").
     body = os.urandom(24 * 1024 * 1024)
     setup.drop("Alpha Person", "report.txt", body)
     async with DaemonRunner(setup):
@@ -193,7 +193,7 @@ async def test_transient_faults_then_one_upload(standin: StandIn,
 
 async def test_rejected_file_goes_to_failed(standin: StandIn,
                                             setup_factory: SetupFactory) -> None:
-    """A 400 moves the file to the failed folder with a reason file naming the answer."""
+    """A 400 moves the file to the failed folder with a reason file naming the response."""
     setup = setup_factory()
     await add_faults(standin.url, {"kind": "status", "status": 400,
                                   "body": '{"statusMessages":[{"message":"bad file"}]}',
@@ -230,7 +230,7 @@ async def test_401_pauses_then_resumes(standin: StandIn, setup_factory: SetupFac
 
 async def test_restart_does_not_upload_again(standin: StandIn,
                                              setup_factory: SetupFactory) -> None:
-    """With after_success = keep, a restart sees the kept file and sends nothing."""
+    """With after_success = keep, a restart finds the kept file and sends nothing."""
     setup = setup_factory(upload={"after_success": "keep"})
     setup.drop("Alpha Person", "kept.txt", b"keep me")
     async with DaemonRunner(setup):

@@ -73,7 +73,7 @@ def mounts() -> Iterator[Callable[..., None]]:
 ])
 async def test_transient_answer_then_one_upload(standin: StandIn, setup_factory: SetupFactory,
                                                 fault: dict[str, Any]) -> None:
-    """A transient answer is retried and the file goes up exactly once."""
+    """A transient response is retried and the file goes up exactly once."""
     if fault.get("retry_after") == "HTTP-DATE":
         fault = {**fault, "retry_after": email.utils.formatdate(time.time() + 2, usegmt=True)}
     setup = setup_factory()
@@ -147,7 +147,7 @@ async def test_outage_keeps_backoff_capped(standin: StandIn, setup_factory: Setu
 ])
 async def test_lost_answer_after_store(standin: StandIn, setup_factory: SetupFactory,
                                        policy: str, expected_state: str, copies: int) -> None:
-    """A stored file whose answer is lost is retried and flagged, or held, per on_uncertain."""
+    """A stored file whose response is lost is retried and flagged, or held, per on_uncertain."""
     setup = setup_factory(upload={"on_uncertain": policy, "backoff_max_seconds": 1})
     await add_faults(standin.url, {"kind": "reset_after_store"})
     setup.drop("Alpha Person", "lost.txt", b"answer lost")
@@ -173,7 +173,7 @@ async def test_lost_answer_after_store(standin: StandIn, setup_factory: SetupFac
 ])
 async def test_unusable_answer_is_uncertain(standin: StandIn, setup_factory: SetupFactory,
                                             fault: dict[str, Any]) -> None:
-    """A 200 without JSON, a wrong size, or an answer past the idle timeout is held as uncertain."""
+    """A 200 without JSON, a wrong size, or a response past the idle timeout is held as uncertain."""
     setup = setup_factory(upload={"on_uncertain": "hold"}, api={"idle_timeout_seconds": 1})
     await add_faults(standin.url, fault)
     setup.drop("Alpha Person", "doc.txt", b"stored but unconfirmed")

@@ -175,7 +175,7 @@ def _import(args: argparse.Namespace, config: Config) -> int:
 
 
 def _import_summary(config: Config, since: float, code: int) -> str:
-    """One line for scripts and cron mail: what this import did, by state."""
+    """Summarise what this import did, by state, in one line for scripts and cron mail."""
     ledger = Ledger.open(config.ledger.path, readonly=True)
     try:
         counts: dict[str, int] = {}
@@ -271,7 +271,7 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
 def _restore_failed(ledger: Ledger, config: Config,
                     wanted: set[int] | None) -> tuple[list[int], list[str]]:
     """
-    Move failed files back into their drop folders, where the daemon sees them as a new
+    Move failed files back into their drop folders, where the daemon treats them as a new
     attempt. Their rows stay ``failed`` as history.
     """
     from uploader import disposal

@@ -19,13 +19,13 @@ class State(StrEnum):
     UPLOADING = "uploading"
     """An attempt is in flight; written before the first byte is sent."""
     UPLOADED = "uploaded"
-    """The service answered 200 with a matching size."""
+    """The service responded 200 with a matching size."""
     DUPLICATE = "duplicate"
     """The same bytes were already uploaded for this client; nothing was sent."""
     DEFERRED = "deferred"
-    """A transient failure; ``next_attempt_at`` says when to try again."""
+    """A transient failure; ``next_attempt_at`` is when to try again."""
     UNCERTAIN = "uncertain"
-    """The body was sent but no valid answer came back."""
+    """The body was sent but no valid response came back."""
     HELD = "held"
     """Needs a person: see ``last_error``."""
     FAILED = "failed"
@@ -74,12 +74,12 @@ SERVICE_RATE_LIMIT_PER_S = 10
 #: Bytes read from disk per chunk when hashing or streaming a file.
 CHUNK_BYTES = 256 * 1024
 
-#: Longest wait a worker spends between tries inside one attempt cycle. Longer
+#: Maximum wait a worker spends between tries inside one attempt cycle. Longer
 #: waits (a long Retry-After, an outage) go through the ``deferred`` state instead,
 #: so a worker is never parked on one file.
 INLINE_RETRY_MAX_WAIT_S = 10.0
 
-#: How many "other 4xx" answers in a row, for different clients, pause every
+#: How many "other 4xx" responses in a row, for different clients, pause every
 #: upload as a suspected configuration error (wrong base URL or version).
 CONFIG_ERROR_PAUSE_AFTER = 5
 

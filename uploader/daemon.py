@@ -58,7 +58,7 @@ _MOVE_RETRY_S = 60.0
 @dataclass(frozen=True)
 class RunOptions:
     """
-    How the daemon runs: for ever (``run``) or one pass (``import``).
+    The daemon's run mode: for ever (``run``) or one pass (``import``).
 
     Attributes:
         oneshot: Scan once, upload, and return instead of watching.

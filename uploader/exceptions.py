@@ -1,6 +1,6 @@
 """
 The exception tree. Each class has one meaning, so callers catch exactly what they
-can handle; the classification of service answers into these types lives in
+can handle; the classification of service responses into these types lives in
 ``uploader.client``.
 """
 
@@ -48,8 +48,8 @@ class UploadError(UploaderError):
     Base class for the outcome of one upload attempt that was not a success.
 
     Attributes:
-        status: The HTTP status, or None when no answer came back.
-        body: The start of the answer's body, for the reason file and logs.
+        status: The HTTP status, or None when no response came back.
+        body: The start of the response's body, for the reason file and logs.
         retry_after_s: Seconds the service asked us to wait, if it said.
     """
 
@@ -75,7 +75,7 @@ class RetryableUploadError(UploadError):
 
 class UncertainUploadError(UploadError):
     """
-    The whole body was sent but no valid answer came back, so the service may have
+    The whole body was sent but no valid response came back, so the service may have
     stored the file.
     """
 

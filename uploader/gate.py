@@ -1,6 +1,6 @@
 """
 The service gate: pauses every upload when coreplus refuses our credentials, its TLS
-certificate does not verify, or answers suggest a configuration error, and reopens it
+certificate does not verify, or its responses suggest a configuration error, and reopens it
 when a probe succeeds.
 
 No file ever fails because of a pause: files stay ``queued`` until the gate reopens.
@@ -99,7 +99,7 @@ class ServiceGate:
             await self._pause(CONFIG, status=exc.status, error=str(exc), count=len(recent))
 
     def note_success(self) -> None:
-        """A confirmed upload ends any run of rejections."""
+        """Reset the run of rejections after a confirmed upload."""
         self._rejections.clear()
 
     async def _pause(self, kind: str, *, status: int | None, error: str, count: int) -> None:
@@ -131,7 +131,7 @@ class ServiceGate:
                                   cause=f"probe still refused: {exc}")
                 continue
             except UploadError:
-                # Any other answer means the credentials got through.
+                # Any other response means the credentials got through.
                 pass
             await self.resume("probe accepted")
 

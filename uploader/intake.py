@@ -174,7 +174,7 @@ class Intake:
         tracked = self.tracked.get(rel)
         if tracked is not None:
             changed = settle.observe(tracked, snap, now)
-            # A rescan that finds the file unchanged says nothing new, so only a change
+            # A rescan that finds the file unchanged adds nothing new, so only a change
             # or a watcher event restarts the settle window.
             if changed or from_event:
                 settle.touch(tracked, now)

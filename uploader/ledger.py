@@ -4,8 +4,8 @@ The ledger: a SQLite database with one row per file version the daemon has seen.
 The ledger is the only thing that stops a document going up twice, because coreplus
 offers no way to ask whether a file already arrived. Every state is committed before
 the daemon acts on it: a row is ``uploading`` before the first byte is sent, and
-``uploaded`` only after the service confirmed. This module knows nothing about HTTP or
-asyncio; the daemon calls it from one dedicated thread.
+``uploaded`` only after the service confirmed. This module has no HTTP or
+asyncio code; the daemon calls it from one dedicated thread.
 """
 
 from __future__ import annotations
@@ -451,8 +451,8 @@ class Ledger:
         Put ``failed``, ``deferred``, ``held`` or ``uncertain`` rows back in the queue.
         ``ids=None`` takes every such row. Returns the ids changed.
         """
-        # Failed files live in the failed folder; `retry` moves them back into the drop
-        # folder, where they become a new attempt, so only the other states requeue.
+        # Failed files live in the failed folder, and `retry` moves them back into the
+        # drop folder as a new attempt. So only the other states are requeued here.
         states = [s for s in RETRYABLE_BY_USER if s != State.FAILED]
         marks = ", ".join("?" for _ in states)
         sql = f"SELECT id FROM files WHERE state IN ({marks})"

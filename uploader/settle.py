@@ -40,7 +40,7 @@ class StatSnapshot:
 
 class Verdict(enum.Enum):
     """
-    What to do with a tracked file now.
+    The action to take with a tracked file now.
     """
 
     WAIT = "wait"

@@ -1,9 +1,9 @@
 """
 Workers: take ready rows from the ledger, upload each once, and record the outcome.
 
-Each outcome maps to a ledger state as the failure table says: confirmed uploads are
+Each outcome maps to a ledger state as the failure table in the README lists: confirmed uploads are
 ``uploaded`` and then archived, deleted or kept; transient failures are ``deferred`` with
-a ``next_attempt_at``; lost answers are ``uncertain`` and flagged; rejections are
+a ``next_attempt_at``; lost responses are ``uncertain`` and flagged; rejections are
 ``failed`` with a reason file; 401, 403 and TLS errors pause the gate and leave the file
 ``queued``.
 """
@@ -381,7 +381,7 @@ class Uploader:
                   "copy afterwards (`coreplus-uploader status` lists possible duplicates).")
         log.warning("upload.uncertain", client=row.client_id, path=row.display_path,
                     size=row.size, attempt=row.attempts, error=str(exc), state=row.state,
-                    message="The file was sent but no valid answer came back, so coreplus "
+                    message="The file was sent but no valid response came back, so coreplus "
                     "may or may not have stored it.", action=action)
 
     async def _reject(self, row: FileRow, exc: PermanentUploadError) -> None:

@@ -33,7 +33,7 @@ _POLL_DELAY_MS = 500
 @dataclass
 class ScanResult:
     """
-    What one walk of the drop root found.
+    The result of one walk of the drop root.
 
     Attributes:
         files: Relative paths ("/"-separated, surrogate-escaped) of regular files.
