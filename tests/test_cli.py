@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from harness import Setup, make_setup, spawn, wait_until
-from standin_helpers import add_faults, received
+from standin_helpers import add_faults, received, received_content
 from uploader.constants import ExitCode, State
+from uploader.ledger import DISPOSITION_ARCHIVED
 from uploader.standin import StandIn, StandInSettings
 
 
@@ -69,6 +70,13 @@ async def test_sigterm_finishes_in_flight_upload(standin: StandIn, setup: Setup)
     for row in setup.rows():
         counts[row.state] = counts.get(row.state, 0) + 1
     assert counts == {State.UPLOADED: 1, State.QUEUED: 3}
+    # The archive move runs after the worker is free, and the stop still waits for it.
+    uploaded = next(r for r in setup.rows() if r.state == State.UPLOADED)
+    assert uploaded.disposition == DISPOSITION_ARCHIVED
+    assert not (setup.root / uploaded.rel_path_str).exists()
+    archived = setup.archive / uploaded.rel_path_str
+    stored = await received_content(standin.url, got[0]["id"])
+    assert archived.read_bytes() == stored
 
 
 async def test_second_daemon_exits_3(standin: StandIn, setup: Setup) -> None:
@@ -123,6 +131,10 @@ async def test_import_then_status(standin: StandIn, setup: Setup) -> None:
     assert len(await received(standin.url)) == 3
     assert report.stat().st_mode & 0o777 == 0o600
     assert report.read_text().count("uploaded") == 3
+    # `import` returns only after every uploaded file has left its drop folder.
+    assert sorted(p.name for p in (setup.archive / "Bravo Person").iterdir()) == [
+        "b0.txt", "b1.txt", "b2.txt"]
+    assert list((setup.root / "Bravo Person").iterdir()) == []
 
 
 async def test_import_with_failure_exits_1(standin: StandIn, setup: Setup) -> None:

@@ -28,6 +28,7 @@ from uploader.ledger import (
     DISPOSITION_PENDING,
     SCHEMA_VERSION,
     _SCHEMA_V1,
+    Claim,
     FileRow,
     Ledger,
     LedgerLock,
@@ -520,6 +521,64 @@ class TestNextReady:
         add_row(ledger, "A/3.pdf", state=State.HELD, next_attempt_at=NOW + 1)
         assert ledger.next_wakeup(include_uncertain=False) == NOW + 30
         assert ledger.next_wakeup(include_uncertain=True) == NOW + 10
+
+
+class TestClaimUpload:
+    def test_claim_marks_uploading(self, ledger: Ledger) -> None:
+        """A queued row becomes uploading with the attempt counted and no retry time."""
+        row = add_row(ledger, state=State.QUEUED, sha256=SHA_1, next_attempt_at=NOW)
+        claim = ledger.claim_upload(row.id, attempts=1, duplicate_key=(CLIENT_A, SHA_1))
+        assert claim.earlier is None
+        assert claim.row is not None
+        stored = ledger.get(row.id)
+        assert stored == claim.row
+        assert (stored.state, stored.attempts, stored.next_attempt_at) == (
+            State.UPLOADING, 1, None)
+
+    @pytest.mark.parametrize("state", [State.DEFERRED, State.UNCERTAIN])
+    def test_claim_retry_states(self, ledger: Ledger, state: State) -> None:
+        """Deferred and uncertain rows may be claimed for their next attempt."""
+        row = add_row(ledger, state=state, sha256=SHA_1, attempts=5)
+        claim = ledger.claim_upload(row.id, attempts=6, duplicate_key=None)
+        assert claim.row is not None
+        assert (claim.row.state, claim.row.attempts) == (State.UPLOADING, 6)
+
+    def test_claim_finds_earlier_upload(self, ledger: Ledger) -> None:
+        """The same bytes already uploaded for the client are returned; the row is untouched."""
+        earlier = add_row(ledger, "A/1.pdf", state=State.UPLOADED, sha256=SHA_1)
+        row = add_row(ledger, "A/2.pdf", state=State.QUEUED, sha256=SHA_1)
+        claim = ledger.claim_upload(row.id, attempts=1, duplicate_key=(CLIENT_A, SHA_1))
+        assert claim.row is None
+        assert claim.earlier is not None
+        assert claim.earlier.id == earlier.id
+        assert ledger.get(row.id) == row
+
+    def test_claim_without_duplicate_key(self, ledger: Ledger) -> None:
+        """With no duplicate key the earlier upload is not looked up, and the row is taken."""
+        add_row(ledger, "A/1.pdf", state=State.UPLOADED, sha256=SHA_1)
+        row = add_row(ledger, "A/2.pdf", state=State.QUEUED, sha256=SHA_1)
+        claim = ledger.claim_upload(row.id, attempts=1, duplicate_key=None)
+        assert claim.earlier is None
+        assert claim.row is not None
+        assert claim.row.state == State.UPLOADING
+
+    @pytest.mark.parametrize("state", [State.WAITING, State.UPLOADING, State.UPLOADED,
+                                       State.HELD, State.VANISHED, State.FAILED])
+    def test_claim_row_no_longer_ready(self, ledger: Ledger, state: State) -> None:
+        """A row that left the ready states since it was read is not taken or changed."""
+        row = add_row(ledger, state=state, sha256=SHA_1, attempts=2)
+        claim = ledger.claim_upload(row.id, attempts=3, duplicate_key=(CLIENT_A, SHA_1))
+        assert claim == Claim()
+        assert ledger.get(row.id) == row
+
+    def test_claim_forgotten_earlier_upload(self, ledger: Ledger) -> None:
+        """A forgotten earlier upload does not block the same bytes from going up."""
+        earlier = add_row(ledger, "A/1.pdf", state=State.UPLOADED, sha256=SHA_1)
+        assert ledger.forget(earlier.rel_path) == 1
+        row = add_row(ledger, "A/2.pdf", state=State.QUEUED, sha256=SHA_1)
+        claim = ledger.claim_upload(row.id, attempts=1, duplicate_key=(CLIENT_A, SHA_1))
+        assert claim.earlier is None
+        assert claim.row is not None
 
 
 class TestRecovery:

@@ -54,6 +54,10 @@ _CATCH_UP_SCAN_S = 2.0
 #: How often archive moves that failed earlier are tried again.
 _MOVE_RETRY_S = 60.0
 
+#: Seconds that confirmed uploads get to be recorded at shutdown, even when the grace
+#: is used up or a second signal forces the stop: one commit and a move take far less.
+_FINISH_GRACE_MIN_S = 5.0
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -205,12 +209,22 @@ class Daemon:
                  grace_seconds=self.config.upload.shutdown_grace_seconds)
         self.uploader.stop_accepting()
         rt.stopping.set()
+        grace_s = self.config.upload.shutdown_grace_seconds
+        deadline = time.monotonic() + grace_s
         if in_flight and not self._force:
-            await asyncio.wait(in_flight, timeout=self.config.upload.shutdown_grace_seconds)
+            await asyncio.wait(in_flight, timeout=grace_s)
         leftover = [t for t in self.uploader.in_flight.values() if not t.done()]
         for task in leftover:
             task.cancel()
         await asyncio.gather(*leftover, return_exceptions=True)
+        # Confirmed uploads still being recorded or moved: the ledger write is what keeps
+        # them from going up again, so they get the rest of the grace, and at least a
+        # few seconds even after a second signal.
+        stuck = await self.uploader.wait_finishing(
+            max(deadline - time.monotonic(), _FINISH_GRACE_MIN_S))
+        for task in stuck:
+            task.cancel()
+        await asyncio.gather(*stuck, return_exceptions=True)
         await self.intake.drain()
         for task in list(self._tasks):
             task.cancel()
@@ -370,7 +384,7 @@ class Daemon:
             if self.options.on_progress is not None:
                 self.options.on_progress(self.uploader, self.files_found)
             counts = await self.rt.ledger.count_by_state()
-            busy = self.intake.busy or self.uploader.in_flight or counts.get(State.QUEUED)
+            busy = self.intake.busy or self.uploader.busy or counts.get(State.QUEUED)
             waiting_retry = counts.get(State.DEFERRED, 0) + (
                 counts.get(State.UNCERTAIN, 0) if include_uncertain else 0)
             if not busy and not self.gate.paused and not waiting_retry:

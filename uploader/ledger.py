@@ -140,6 +140,21 @@ class FileRow:
 
 _COLUMNS = ", ".join(f.name for f in fields(FileRow))
 
+#: States a worker may take a row from.
+_READY_STATES = (State.QUEUED, State.DEFERRED, State.UNCERTAIN)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """
+    The result of ``Ledger.claim_upload``: the row, now ``uploading``, or an earlier
+    upload of the same bytes for the same client, or neither when the row is no longer
+    ready.
+    """
+
+    row: FileRow | None = None
+    earlier: FileRow | None = None
+
 
 class LedgerLock:
     """
@@ -422,6 +437,36 @@ class Ledger:
         if row is None:
             raise LedgerError(f"ledger row {row_id} disappeared while it was being updated")
         return row
+
+    def claim_upload(self, row_id: int, *, attempts: int,
+                     duplicate_key: tuple[str, str] | None) -> Claim:
+        """
+        Mark a ready row ``uploading`` and count its attempt, in one commit that waits
+        for the disk, unless the client already has the same bytes or the row is no
+        longer ready.
+
+        One transaction does both, so the duplicate lookup and the claim cost the
+        worker a single trip to the ledger before the first byte.
+
+        Args:
+            row_id: The row a worker took from ``next_ready``.
+            attempts: The row's attempt count including this attempt.
+            duplicate_key: ``(client_id, sha256)`` to look for an earlier upload, or
+                None when duplicates are not skipped.
+        """
+        with self._tx() as db:
+            if duplicate_key is not None:
+                earlier = self.find_uploaded(*duplicate_key)
+                if earlier is not None and earlier.id != row_id:
+                    return Claim(earlier=earlier)
+            marks = ", ".join("?" for _ in _READY_STATES)
+            cur = db.execute(
+                "UPDATE files SET state = ?, attempts = ?, next_attempt_at = NULL, "
+                f"updated_at = ? WHERE id = ? AND state IN ({marks})",
+                (State.UPLOADING, attempts, time.time(), row_id, *_READY_STATES))
+            if cur.rowcount == 0:
+                return Claim()
+        return Claim(row=self.get(row_id))
 
     def recover_interrupted(self, *, hold: bool) -> list[FileRow]:
         """

@@ -78,7 +78,11 @@ class Uploader:
         self.gate = gate
         self.counters = RunCounters()
         self.in_flight: dict[int, asyncio.Task[None]] = {}
+        #: Confirmed uploads still being recorded and moved. They no longer hold a
+        #: worker slot, so the next upload can start while the ledger commits.
+        self.finishing: dict[int, asyncio.Task[None]] = {}
         self._busy_keys: set[tuple[str | None, str | None]] = set()
+        self._row_keys: dict[int, tuple[str | None, str | None]] = {}
         self._accepting = True
 
     # -- dispatching ---------------------------------------------------------------
@@ -86,23 +90,11 @@ class Uploader:
     async def dispatch_loop(self) -> None:
         """Start workers for ready rows until the daemon stops taking new work."""
         workers = self.rt.config.upload.workers
-        include_uncertain = self.rt.config.upload.on_uncertain == "retry"
         while self._accepting and not self.rt.stopping.is_set():
             await self.gate.wait_open()
             free = workers - len(self.in_flight)
             if free > 0:
-                try:
-                    rows = await self.rt.ledger.next_ready(
-                        now=time.time(), limit=free + len(self._busy_keys) + 8,
-                        include_uncertain=include_uncertain, exclude=list(self.in_flight))
-                except Exception as exc:  # noqa: BLE001 - the loop must outlive ledger errors
-                    rows = []
-                    self.rt.warn_once("upload.deferred", client=None, path=None,
-                                      level="error", cause=f"{type(exc).__name__}: {exc}",
-                                      message="Reading the queue from the ledger failed; the "
-                                      "daemon keeps trying.",
-                                      action="Check the disk holding the ledger.")
-                self._start(rows, free)
+                self._start(await self._read_queue(free), free)
             self.rt.work_available.clear()
             try:
                 await asyncio.wait_for(self._wake(), LEDGER_POLL_INTERVAL_S)
@@ -118,25 +110,44 @@ class Uploader:
             stop.cancel()
             work.cancel()
 
+    async def _read_queue(self, free: int) -> list[FileRow]:
+        try:
+            return await self.rt.ledger.next_ready(
+                now=time.time(), limit=free + len(self._busy_keys) + 8,
+                include_uncertain=self.rt.config.upload.on_uncertain == "retry",
+                exclude=list(self.in_flight))
+        except Exception as exc:  # noqa: BLE001 - the loop must outlive ledger errors
+            self.rt.warn_once("upload.deferred", client=None, path=None,
+                              level="error", cause=f"{type(exc).__name__}: {exc}",
+                              message="Reading the queue from the ledger failed; the "
+                              "daemon keeps trying.",
+                              action="Check the disk holding the ledger.")
+            return []
+
     def _start(self, rows: list[FileRow], free: int) -> None:
         for row in rows:
             if free <= 0 or self.gate.paused or self.rt.stopping.is_set():
                 return
             key = (row.client_id, row.sha256)
             if key in self._busy_keys:
-                # The same bytes for the same client are in flight: once that upload
-                # ends, this row becomes a duplicate or goes up itself.
+                # The same bytes for the same client are in flight or not yet recorded:
+                # once that ends, this row becomes a duplicate or goes up itself.
                 continue
             self._busy_keys.add(key)
-            task = asyncio.create_task(self._run(row, key))
-            self.in_flight[row.id] = task
+            self._row_keys[row.id] = key
+            self.in_flight[row.id] = asyncio.create_task(self._run(row))
             free -= 1
 
     def stop_accepting(self) -> None:
         """Take no new rows; in-flight uploads carry on."""
         self._accepting = False
 
-    async def _run(self, row: FileRow, key: tuple[str | None, str | None]) -> None:
+    @property
+    def busy(self) -> bool:
+        """Whether an upload is in flight or a confirmed one is still being recorded."""
+        return bool(self.in_flight or self.finishing)
+
+    async def _run(self, row: FileRow) -> None:
         try:
             await self.process(row)
         except asyncio.CancelledError:
@@ -146,9 +157,28 @@ class Uploader:
             await self._unexpected(row, exc)
         finally:
             self.in_flight.pop(row.id, None)
-            self._busy_keys.discard(key)
-            self.counters.handled_ids.add(row.id)
+            if row.id not in self.finishing:
+                self._release(row.id)
             self.rt.work_available.set()
+
+    def _release(self, row_id: int) -> None:
+        # Let the next row with the same client and bytes start. It finds this row in
+        # the ledger and becomes a duplicate, or goes up itself if this upload failed.
+        key = self._row_keys.pop(row_id, None)
+        if key is not None:
+            self._busy_keys.discard(key)
+        self.counters.handled_ids.add(row_id)
+
+    async def wait_finishing(self, timeout_s: float | None) -> list[asyncio.Task[None]]:
+        """
+        Wait for confirmed uploads to be recorded and moved; return the tasks still
+        running after ``timeout_s``.
+        """
+        tasks = list(self.finishing.values())
+        if not tasks:
+            return []
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        return list(pending)
 
     async def _interrupted(self, row: FileRow) -> None:
         current = await self.rt.ledger.get(row.id)
@@ -202,8 +232,6 @@ class Uploader:
             # settle and hash it like a new file.
             await self._back_to_waiting(row)
             return
-        if self.rt.config.upload.skip_duplicates and await self._is_duplicate(row):
-            return
         await self._upload(row)
 
     async def _refresh_client(self, row: FileRow) -> FileRow | None:
@@ -245,11 +273,7 @@ class Uploader:
         if self.rt.track_again is not None:
             await self.rt.track_again(row.rel_path_str)
 
-    async def _is_duplicate(self, row: FileRow) -> bool:
-        assert row.client_id is not None and row.sha256 is not None
-        earlier = await self.rt.ledger.find_uploaded(row.client_id, row.sha256)
-        if earlier is None or earlier.id == row.id:
-            return False
+    async def _mark_duplicate(self, row: FileRow, earlier: FileRow) -> None:
         row = await self.rt.ledger.update(row.id, state=State.DUPLICATE, duplicate_of=earlier.id,
                                           remote_id=earlier.remote_id)
         log.info("upload.duplicate", client=row.client_id, path=row.display_path,
@@ -257,25 +281,37 @@ class Uploader:
                  earlier_path=earlier.display_path)
         self.counters.duplicate += 1
         await self._dispose(row)
-        return True
 
     async def _upload(self, row: FileRow) -> None:
         rt = self.rt
         upload = rt.config.upload
         started = time.monotonic()
+        assert row.client_id is not None and row.sha256 is not None
         request = UploadRequest(
-            path=os.fsencode(rt.root / row.rel_path_str), client_id=row.client_id or "",
-            name=_display_name(row), size=row.size, sha256=row.sha256 or "",
+            path=os.fsencode(rt.root / row.rel_path_str), client_id=row.client_id,
+            name=_display_name(row), size=row.size, sha256=row.sha256,
             mtime_ns=row.mtime_ns, ctime_ns=row.ctime_ns)
+        # The duplicate lookup and the durable `uploading` mark share one commit, which
+        # lands before the first byte is sent.
+        claim = await rt.ledger.claim_upload(
+            row.id, attempts=row.attempts + 1,
+            duplicate_key=(row.client_id, row.sha256) if upload.skip_duplicates else None)
+        if claim.earlier is not None:
+            await self._mark_duplicate(row, claim.earlier)
+            return
+        if claim.row is None:
+            # Something else changed the row since it was taken (the intake saw the file
+            # change, for example) and has already logged why.
+            return
+        row = claim.row
         attempts = row.attempts
 
         async def before_attempt(number: int) -> None:
             nonlocal attempts
-            attempts += 1
-            # One commit marks the row uploading and counts the attempt, before the
-            # first byte of each try is sent.
-            await rt.ledger.update(row.id, state=State.UPLOADING, attempts=attempts,
-                                   next_attempt_at=None)
+            if number > 1:
+                attempts += 1
+                await rt.ledger.update(row.id, state=State.UPLOADING, attempts=attempts,
+                                       next_attempt_at=None)
             log.info("upload.started", client=row.client_id, path=row.display_path,
                      size=row.size, attempt=attempts)
 
@@ -293,11 +329,30 @@ class Uploader:
             await self._record_failure(row, exc, started)
             return
         self._check_clock(result)
-        await asyncio.shield(self._record_success(row, result, started))
+        # The worker slot is free from here. Recording the outcome and moving the file run
+        # as a task of their own, and the same bytes stay blocked until the row is uploaded.
+        task = asyncio.create_task(self._finish(row, result, started))
+        self.finishing[row.id] = task
+
+    async def _finish(self, row: FileRow, result: UploadResult, started: float) -> None:
+        try:
+            try:
+                # Shielded: a cancelled daemon must still record an upload that coreplus
+                # confirmed, or the next start would flag it and send it again.
+                row = await asyncio.shield(self._record_success(row, result, started))
+            finally:
+                self._release(row.id)
+                self.rt.work_available.set()
+            await self._dispose(row)
+        except Exception as exc:  # The per-file boundary, as in _run.
+            await self._unexpected(row, exc)
+        finally:
+            self.finishing.pop(row.id, None)
 
     # -- outcomes ------------------------------------------------------------------
 
-    async def _record_success(self, row: FileRow, result: UploadResult, started: float) -> None:
+    async def _record_success(self, row: FileRow, result: UploadResult,
+                              started: float) -> FileRow:
         row = await self._write_until_stored(
             row, state=State.UPLOADED, remote_id=result.remote_id, uploaded_at=time.time(),
             last_error=None, next_attempt_at=None)
@@ -307,7 +362,7 @@ class Uploader:
                  size=row.size, attempt=row.attempts, remote_id=result.remote_id,
                  state=State.UPLOADED, elapsed_ms=round((time.monotonic() - started) * 1000),
                  possible_duplicate=bool(row.possible_duplicate))
-        await self._dispose(row)
+        return row
 
     async def _write_until_stored(self, row: FileRow, **values: object) -> FileRow:
         """
