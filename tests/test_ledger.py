@@ -6,6 +6,8 @@ file, the lock between processes, and every lookup and change the daemon relies 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import sqlite3
 import stat
@@ -579,6 +581,65 @@ class TestClaimUpload:
         claim = ledger.claim_upload(row.id, attempts=1, duplicate_key=(CLIENT_A, SHA_1))
         assert claim.earlier is None
         assert claim.row is not None
+
+
+# Writes rows to a ledger, then kills itself before Python can close anything. The first
+# write to a new log always syncs it, so "first" stops after that write and is the base.
+_RELAXED_WRITER_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from uploader.ledger import Ledger
+ledger = Ledger.open(Path(sys.argv[1]))
+row = ledger.insert_waiting(rel_path=b"A/1.pdf", display_path="A/1.pdf", drop_folder="A",
+                            client_id=None, size=1, mtime_ns=1, ctime_ns=1)
+if sys.argv[2] != "first":
+    for size in range(2, 22):
+        ledger.update(row.id, durable=False, state="queued", sha256="a" * 64, size=size)
+if sys.argv[2] == "durable":
+    ledger.update(row.id, attempts=1)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _fsyncs_while(tmp_path: Path, mode: str) -> tuple[int, Path]:
+    """Run the writer script under strace; return its fsync calls and the ledger path."""
+    ledger_path = tmp_path / mode / "ledger.sqlite3"
+    trace = tmp_path / f"{mode}.strace"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(trace),
+                    sys.executable, "-c", _RELAXED_WRITER_SCRIPT, str(ledger_path), mode],
+                   env=env, check=False, timeout=60)
+    return len(re.findall(r"\bf(?:data)?sync\(", trace.read_text())), ledger_path
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+class TestDurability:
+    def test_relaxed_commits_skip_fsync(self, tmp_path: Path) -> None:
+        """
+        Twenty relaxed commits make no fsync; the next durable commit does, and every
+        change survives SIGKILL either way.
+        """
+        first_syncs, _ = _fsyncs_while(tmp_path, "first")
+        relaxed_syncs, relaxed_path = _fsyncs_while(tmp_path, "relaxed")
+        durable_syncs, durable_path = _fsyncs_while(tmp_path, "durable")
+        assert relaxed_syncs == first_syncs
+        assert durable_syncs > relaxed_syncs
+        for path in (relaxed_path, durable_path):
+            reopened = Ledger.open(path)
+            try:
+                rows = list(reopened.all_rows())
+            finally:
+                reopened.close()
+            assert [(r.state, r.sha256, r.size) for r in rows] == [(State.QUEUED, SHA_1, 21)]
+
+    def test_durable_after_relaxed(self, ledger: Ledger) -> None:
+        """A durable commit after a relaxed one runs with SQLite's FULL setting again."""
+        row = add_row(ledger)
+        ledger.update(row.id, durable=False, state=State.QUEUED)
+        # The setting is per connection, so only the ledger's own connection can show it.
+        assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 1
+        ledger.update(row.id, state=State.UPLOADING)
+        assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2
 
 
 class TestRecovery:

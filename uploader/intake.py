@@ -331,9 +331,11 @@ class Intake:
         rt = self.rt
         assert tracked.row_id is not None
         snap = hashed.snapshot
+        # Not durable: a power cut can only lose the hash, and the file then settles
+        # again. The commit that marks the row uploading syncs this one with it.
         row = await rt.ledger.update(
-            tracked.row_id, state=State.QUEUED, sha256=hashed.sha256, size=snap.size,
-            mtime_ns=snap.mtime_ns, ctime_ns=snap.ctime_ns)
+            tracked.row_id, durable=False, state=State.QUEUED, sha256=hashed.sha256,
+            size=snap.size, mtime_ns=snap.mtime_ns, ctime_ns=snap.ctime_ns)
         limit = rt.config.upload.max_file_bytes
         if limit and snap.size > limit:
             await rt.fail_file(

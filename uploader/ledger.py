@@ -219,14 +219,17 @@ class Ledger:
     """
     Open a ledger file and read or change its rows.
 
-    Every method commits before it returns, so the state on disk is always the state
-    the daemon acts on. Use one instance from one thread at a time.
+    Every method commits before it returns. A commit waits until it is on disk, so the
+    daemon never acts on a state that a power cut could undo, except where a caller
+    passes ``durable=False``: there a lost commit only means settling or hashing a file
+    again. Use one instance from one thread at a time.
     """
 
     def __init__(self, path: Path, connection: sqlite3.Connection, created: bool) -> None:
         self.path = path
         self.created = created
         self._db = connection
+        self._durable = True
 
     # -- opening -------------------------------------------------------------------
 
@@ -266,7 +269,13 @@ class Ledger:
         self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        if durable != self._durable:
+            # In WAL mode a NORMAL commit survives a crash of the process, and only a power
+            # cut can lose it. A FULL commit syncs the whole log, so a power cut loses at
+            # most the NORMAL commits made after the last FULL one.
+            self._db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
         try:
             with self._db:
                 yield self._db
@@ -404,9 +413,12 @@ class Ledger:
         ctime_ns: int,
         now: float | None = None,
     ) -> FileRow:
-        """Record a newly seen file version in the ``waiting`` state."""
+        """
+        Record a newly seen file version in the ``waiting`` state. The commit does not
+        wait for the disk: after a power cut, the next scan finds the file again.
+        """
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self._tx(durable=False) as db:
             cur = db.execute(
                 "INSERT INTO files (rel_path, display_path, drop_folder, client_id, size, "
                 "mtime_ns, ctime_ns, state, first_seen_at, updated_at) "
@@ -419,9 +431,16 @@ class Ledger:
         assert row is not None
         return row
 
-    def update(self, row_id: int, **values: object) -> FileRow:
+    def update(self, row_id: int, *, durable: bool = True, **values: object) -> FileRow:
         """
         Change columns of one row and commit. ``updated_at`` is set automatically.
+
+        Args:
+            row_id: The row.
+            durable: Whether the commit waits until it is on disk. Pass False only
+                when losing the change to a power cut is harmless, such as a finished
+                hash that can be computed again.
+            values: New column values.
         """
         values.setdefault("updated_at", time.time())
         unknown = set(values) - {f.name for f in fields(FileRow)}
@@ -429,7 +448,7 @@ class Ledger:
             raise ValueError(f"unknown ledger columns: {sorted(unknown)}")
         values = {name: _printable(value) for name, value in values.items()}
         assignments = ", ".join(f"{name} = ?" for name in values)
-        with self._tx() as db:
+        with self._tx(durable=durable) as db:
             db.execute(
                 f"UPDATE files SET {assignments} WHERE id = ?", (*values.values(), row_id)
             )
