@@ -93,6 +93,42 @@ async def test_limiter_window_integer_rate() -> None:
     assert _max_in_any_window(starts) == 9
 
 
+class LaggingClock(FakeClock):
+    """
+    A fake clock whose sleeps wake late by a fixed lag, as real timers do.
+    """
+
+    def __init__(self, lag_s: float) -> None:
+        super().__init__()
+        self.lag_s = lag_s
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds + self.lag_s)
+
+
+async def test_limiter_lag_does_not_accumulate() -> None:
+    """Sleeps that wake 0.7 ms late cost one lag per window, not one per start."""
+    clock = LaggingClock(0.0007)
+    starts = await _start_times(_limiter(9, clock), clock, 91)
+
+    assert _max_in_any_window(starts) == 9
+    # 90 gaps on a 1/9 s plan take 10 s. Ten window limits add one lag each, whereas
+    # lag added at every start would come to 63 ms.
+    assert starts[-1] - starts[0] < 10.0 + 0.01
+
+
+async def test_limiter_idle_restarts_plan() -> None:
+    """After a quiet spell the plan starts again: no burst to make up for lost time."""
+    clock = FakeClock()
+    limiter = _limiter(4, clock)
+    await _start_times(limiter, clock, 3)
+    await clock.sleep(5.0)
+    starts = await _start_times(limiter, clock, 3)
+
+    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
+    assert gaps == [pytest.approx(0.25), pytest.approx(0.25)]
+
+
 async def test_limiter_slow_rate_one_per_window() -> None:
     """Below 1 per second the spacing rule sets the pace: 0.5/s means 2 s apart."""
     clock = FakeClock()

@@ -3,7 +3,7 @@ Space request starts so that every worker together stays under coreplus's rate l
 
 coreplus allows 10 requests per second per consumer and returns 429 beyond that. One
 ``RateLimiter`` is shared by every request the daemon makes. It enforces two rules at
-once: starts are at least ``1 / rate`` seconds apart, and no sliding one-second
+once: starts follow a plan spaced ``1 / rate`` seconds apart, and no sliding one-second
 window holds more than ``floor(rate)`` starts (at least one). After a 429 or 503 it
 pauses every caller and halves the rate, then recovers step by step on success.
 """
@@ -33,6 +33,11 @@ _WINDOW_S = 1.0
 # close to its time counts as due instead of sleeping again for nothing.
 _TOLERANCE_S = 1e-6
 
+# A sleep wakes up to about a millisecond late, because the event loop's timeouts have
+# millisecond resolution. A start at most this late keeps its planned time as the base
+# for the next one, so the lag does not add up. The window rule still uses real times.
+_LAG_ALLOWANCE_S = 0.005
+
 
 class RateLimiter:
     """
@@ -61,6 +66,7 @@ class RateLimiter:
         self._sleep = sleep
         self._max_pause_s = max_pause_s
         self._starts: deque[float] = deque()
+        self._planned_s = -math.inf
         self._paused_until = -math.inf
         # asyncio.Lock wakes its waiters in FIFO order, and a caller keeps it while it
         # sleeps, so callers start in the order they arrived.
@@ -93,6 +99,7 @@ class RateLimiter:
                 # Loop rather than trust one sleep: slow_down may move the time on.
                 await self._sleep(ready_s - now_s)
             self._starts.append(now_s)
+            self._planned_s = ready_s if now_s - ready_s <= _LAG_ALLOWANCE_S else now_s
 
     def slow_down(self, retry_after_s: float | None) -> None:
         """
@@ -124,7 +131,7 @@ class RateLimiter:
         ready_s = self._paused_until
         if not self.limited or not self._starts:
             return ready_s
-        ready_s = max(ready_s, self._starts[-1] + 1.0 / self._rate)
+        ready_s = max(ready_s, self._planned_s + 1.0 / self._rate)
         max_in_window = max(1, math.floor(self._rate))
         if len(self._starts) >= max_in_window:
             ready_s = max(ready_s, self._starts[-max_in_window] + _WINDOW_S)
