@@ -31,17 +31,31 @@ def _decode(token: str, secret: str = CREDENTIALS.secret) -> dict[str, object]:
     )
 
 
+def _claims(method: str, now_s: float, leeway_s: int) -> dict[str, object]:
+    return build_claims(
+        credentials=CREDENTIALS, issuer=ISSUER, audience=AUDIENCE, method=method, url=URL,
+        now_s=now_s, leeway_s=leeway_s,
+    )
+
+
+def _mint(
+    method: str,
+    leeway_s: int,
+    now_s: float | None = None,
+    *,
+    url: str = URL,
+    credentials: Credentials = CREDENTIALS,
+) -> str:
+    """Mint a token with the test issuer and audience. ``now_s=None`` uses the real clock."""
+    return mint_token(
+        credentials=credentials, issuer=ISSUER, audience=AUDIENCE, method=method, url=url,
+        leeway_s=leeway_s, now_s=now_s,
+    )
+
+
 def test_claims_exact_values() -> None:
     """Claims for a GET at 1700000000.9 s with 5 s leeway are exactly as coreplus expects."""
-    claims = build_claims(
-        credentials=CREDENTIALS,
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        method="get",
-        url=URL,
-        now_s=1_700_000_000.9,
-        leeway_s=5,
-    )
+    claims = _claims("get", now_s=1_700_000_000.9, leeway_s=5)
     assert claims == {
         "iss": ISSUER,
         "aud": AUDIENCE,
@@ -56,15 +70,7 @@ def test_claims_exact_values() -> None:
 
 def test_claims_times_are_integers() -> None:
     """nbf and exp are ints exactly 60 s apart even when now has a fraction."""
-    claims = build_claims(
-        credentials=CREDENTIALS,
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        method="POST",
-        url=URL,
-        now_s=12.75,
-        leeway_s=0,
-    )
+    claims = _claims("POST", now_s=12.75, leeway_s=0)
     assert type(claims["nbf"]) is int
     assert type(claims["exp"]) is int
     assert claims["nbf"] == 12
@@ -73,15 +79,7 @@ def test_claims_times_are_integers() -> None:
 
 def test_token_verifies_with_pyjwt() -> None:
     """A minted token carries HS256 in its header and verifies with the consumer secret."""
-    token = mint_token(
-        credentials=CREDENTIALS,
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        method="post",
-        url=URL,
-        leeway_s=5,
-        now_s=1_700_000_000,
-    )
+    token = _mint("post", leeway_s=5, now_s=1_700_000_000)
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
     claims = _decode(token)
     assert claims["url"] == URL
@@ -92,29 +90,22 @@ def test_token_verifies_with_pyjwt() -> None:
 
 def test_token_wrong_secret_fails() -> None:
     """Verifying with another secret fails, so the signature really uses the secret."""
-    token = mint_token(
-        credentials=CREDENTIALS, issuer=ISSUER, audience=AUDIENCE, method="GET", url=URL,
-        leeway_s=0, now_s=1_700_000_000,
-    )
+    token = _mint("GET", leeway_s=0, now_s=1_700_000_000)
     with pytest.raises(jwt.InvalidSignatureError):
         _decode(token, secret="another-secret-0123456789abcdefghijklmn")
 
 
 def test_token_fresh_per_request() -> None:
     """Two requests (different URL, or a later time) get two different tokens."""
-    common = dict(credentials=CREDENTIALS, issuer=ISSUER, audience=AUDIENCE, leeway_s=5)
-    first = mint_token(method="POST", url=URL, now_s=100, **common)
-    other_url = mint_token(method="POST", url=URL + "x", now_s=100, **common)
-    later = mint_token(method="POST", url=URL, now_s=101, **common)
+    first = _mint("POST", leeway_s=5, now_s=100)
+    other_url = _mint("POST", leeway_s=5, now_s=100, url=URL + "x")
+    later = _mint("POST", leeway_s=5, now_s=101)
     assert len({first, other_url, later}) == 3
 
 
 def test_token_default_clock_is_now() -> None:
     """Without now_s the token is valid now, so PyJWT's own time checks pass."""
-    token = mint_token(
-        credentials=CREDENTIALS, issuer=ISSUER, audience=AUDIENCE, method="GET", url=URL,
-        leeway_s=5,
-    )
+    token = _mint("GET", leeway_s=5)
     claims = jwt.decode(token, CREDENTIALS.secret, algorithms=["HS256"], audience=AUDIENCE)
     assert claims["exp"] - claims["nbf"] == 60
 
@@ -122,10 +113,7 @@ def test_token_default_clock_is_now() -> None:
 def test_token_short_secret_no_warning() -> None:
     """A short vendor-issued secret signs without a warning (warnings are errors in tests)."""
     short = Credentials(consumer_id="c", secret="short", access_token="t")
-    token = mint_token(
-        credentials=short, issuer=ISSUER, audience=AUDIENCE, method="GET", url=URL,
-        leeway_s=0, now_s=0,
-    )
+    token = _mint("GET", leeway_s=0, now_s=0, credentials=short)
     assert token.count(".") == 2
 
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import jwt
@@ -70,6 +70,7 @@ class Api:
 
 
 ApiFactory = Callable[..., Awaitable[Api]]
+ErrorT = TypeVar("ErrorT", bound=Exception)
 
 
 def _credentials(settings: StandInSettings, **overrides: str) -> Credentials:
@@ -173,6 +174,13 @@ def _assert_secrets_absent(error: BaseException, credentials: Credentials) -> No
     assert credentials.secret not in text
     assert credentials.access_token not in text
     assert "JwToken" not in text
+
+
+async def _upload_error(api: Api, path: Path, error_class: type[ErrorT]) -> ErrorT:
+    """Upload ``path`` and return the ``error_class`` error the upload must raise."""
+    with pytest.raises(error_class) as caught:
+        await api.client.upload(_upload_request(path))
+    return caught.value
 
 
 async def test_upload_small_file_arrives(
@@ -282,11 +290,10 @@ async def test_status_503_retryable(
     await add_faults(standin.url, {"kind": "status", "status": 503, "retry_after": retry_after})
     api = await make_api(rate_per_s=8)
 
-    with pytest.raises(RetryableUploadError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    error = await _upload_error(api, _write(tmp_path, b"abc"), RetryableUploadError)
 
-    assert caught.value.status == 503
-    assert caught.value.retry_after_s == expected_s
+    assert error.status == 503
+    assert error.retry_after_s == expected_s
     assert api.limiter.rate_per_s == 4
     assert await received(standin.url) == []
 
@@ -299,11 +306,10 @@ async def test_status_503_http_date(
     await add_faults(standin.url, {"kind": "status", "status": 503, "retry_after": retry_at})
     api = await make_api()
 
-    with pytest.raises(RetryableUploadError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    error = await _upload_error(api, _write(tmp_path, b"abc"), RetryableUploadError)
 
-    assert caught.value.retry_after_s is not None
-    assert 100 < caught.value.retry_after_s <= 121
+    assert error.retry_after_s is not None
+    assert 100 < error.retry_after_s <= 121
 
 
 @pytest.mark.parametrize("status", [500, 502, 504, 408])
@@ -322,12 +328,11 @@ async def test_status_server_errors_retryable(
     )
     api = await make_api(rate_per_s=8)
 
-    with pytest.raises(RetryableUploadError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    error = await _upload_error(api, _write(tmp_path, b"abc"), RetryableUploadError)
 
-    assert caught.value.status == status
-    assert caught.value.body == "<html>Bad Gateway</html>"
-    assert caught.value.retry_after_s is None
+    assert error.status == status
+    assert error.body == "<html>Bad Gateway</html>"
+    assert error.retry_after_s is None
     assert api.limiter.rate_per_s == 8
     assert await received(standin.url) == []
 
@@ -339,11 +344,10 @@ async def test_status_429_slows_limiter(
     await add_faults(standin.url, {"kind": "status", "status": 429, "retry_after": "0"})
     api = await make_api(rate_per_s=9)
 
-    with pytest.raises(RetryableUploadError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    error = await _upload_error(api, _write(tmp_path, b"abc"), RetryableUploadError)
 
-    assert caught.value.status == 429
-    assert caught.value.retry_after_s == 0.0
+    assert error.status == 429
+    assert error.retry_after_s == 0.0
     assert api.limiter.rate_per_s == 4.5
 
 
@@ -358,13 +362,12 @@ async def test_status_400_permanent_with_body(
     )
     api = await make_api()
 
-    with pytest.raises(PermanentUploadError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    error = await _upload_error(api, _write(tmp_path, b"abc"), PermanentUploadError)
 
-    assert caught.value.status == 400
-    assert caught.value.body == body
-    assert "Invalid file name" in str(caught.value)
-    _assert_secrets_absent(caught.value, _credentials(standin_settings))
+    assert error.status == 400
+    assert error.body == body
+    assert "Invalid file name" in str(error)
+    _assert_secrets_absent(error, _credentials(standin_settings))
 
 
 async def test_error_body_truncated(
@@ -374,10 +377,9 @@ async def test_error_body_truncated(
     await add_faults(standin.url, {"kind": "status", "status": 422, "body": "x" * 5000})
     api = await make_api()
 
-    with pytest.raises(PermanentUploadError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    error = await _upload_error(api, _write(tmp_path, b"abc"), PermanentUploadError)
 
-    assert caught.value.body == "x" * 2000
+    assert error.body == "x" * 2000
 
 
 async def test_unknown_client_permanent(
@@ -408,12 +410,11 @@ async def test_status_auth_paused(
     await add_faults(standin.url, {"kind": "status", "status": status})
     api = await make_api()
 
-    with pytest.raises(ServicePausedError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    error = await _upload_error(api, _write(tmp_path, b"abc"), ServicePausedError)
 
-    assert caught.value.status == status
-    assert "access token" in str(caught.value)
-    _assert_secrets_absent(caught.value, _credentials(standin_settings))
+    assert error.status == status
+    assert "access token" in str(error)
+    _assert_secrets_absent(error, _credentials(standin_settings))
 
 
 async def test_wrong_secret_paused(
@@ -423,12 +424,11 @@ async def test_wrong_secret_paused(
     wrong = _credentials(standin_settings, secret="wrong-secret-0123456789abcdefghijklmnop")
     api = await make_api(credentials=wrong)
 
-    with pytest.raises(ServicePausedError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    error = await _upload_error(api, _write(tmp_path, b"abc"), ServicePausedError)
 
-    assert caught.value.status == 401
+    assert error.status == 401
     assert len((await stats(standin.url))["auth_failures"]) == 1
-    _assert_secrets_absent(caught.value, wrong)
+    _assert_secrets_absent(error, wrong)
 
 
 async def test_reset_before_body_retryable(
@@ -438,10 +438,9 @@ async def test_reset_before_body_retryable(
     await add_faults(standin.url, {"kind": "reset_before_body"})
     api = await make_api()
 
-    with pytest.raises(RetryableUploadError) as caught:
-        await api.client.upload(_upload_request(_write_large(tmp_path)))
+    error = await _upload_error(api, _write_large(tmp_path), RetryableUploadError)
 
-    assert caught.value.status is None
+    assert error.status is None
     assert await received(standin.url) == []
 
 
@@ -452,10 +451,9 @@ async def test_reset_after_store_uncertain(
     await add_faults(standin.url, {"kind": "reset_after_store"})
     api = await make_api()
 
-    with pytest.raises(UncertainUploadError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"stored anyway")))
+    error = await _upload_error(api, _write(tmp_path, b"stored anyway"), UncertainUploadError)
 
-    assert caught.value.status is None
+    assert error.status is None
     uploads = await received(standin.url)
     assert len(uploads) == 1
     assert await received_content(standin.url, uploads[0]["id"]) == b"stored anyway"
@@ -468,8 +466,7 @@ async def test_reset_after_body_uncertain(
     await add_faults(standin.url, {"kind": "reset_after_body"})
     api = await make_api()
 
-    with pytest.raises(UncertainUploadError):
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    await _upload_error(api, _write(tmp_path, b"abc"), UncertainUploadError)
     assert await received(standin.url) == []
 
 
@@ -480,10 +477,9 @@ async def test_slow_answer_uncertain(
     await add_faults(standin.url, {"kind": "slow", "seconds": 3})
     api = await make_api(idle_timeout_s=0.3)
 
-    with pytest.raises(UncertainUploadError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    error = await _upload_error(api, _write(tmp_path, b"abc"), UncertainUploadError)
 
-    assert "api.idle_timeout_seconds (0.3 s)" in str(caught.value)
+    assert "api.idle_timeout_seconds (0.3 s)" in str(error)
     assert len(await received(standin.url)) == 1
 
 
@@ -494,11 +490,10 @@ async def test_bad_json_200_uncertain(
     await add_faults(standin.url, {"kind": "bad_json_200"})
     api = await make_api()
 
-    with pytest.raises(UncertainUploadError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    error = await _upload_error(api, _write(tmp_path, b"abc"), UncertainUploadError)
 
-    assert caught.value.status == 200
-    assert "Upload complete" in caught.value.body
+    assert error.status == 200
+    assert "Upload complete" in error.body
     assert len(await received(standin.url)) == 1
 
 
@@ -509,11 +504,10 @@ async def test_wrong_size_200_uncertain(
     await add_faults(standin.url, {"kind": "wrong_size_200"})
     api = await make_api()
 
-    with pytest.raises(UncertainUploadError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    error = await _upload_error(api, _write(tmp_path, b"abc"), UncertainUploadError)
 
-    assert "size 4" in str(caught.value)
-    assert "expected 3" in str(caught.value)
+    assert "size 4" in str(error)
+    assert "expected 3" in str(error)
 
 
 async def test_refuse_early_413_permanent(
@@ -525,10 +519,9 @@ async def test_refuse_early_413_permanent(
     )
     api = await make_api()
 
-    with pytest.raises(PermanentUploadError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"a" * 1000)))
+    error = await _upload_error(api, _write(tmp_path, b"a" * 1000), PermanentUploadError)
 
-    assert caught.value.status == 413
+    assert error.status == 413
     assert await received(standin.url) == []
 
 
@@ -539,11 +532,10 @@ async def test_connection_refused_retryable(make_api: ApiFactory, tmp_path: Path
         closed_port = probe.getsockname()[1]
     api = await make_api(base_url=f"http://127.0.0.1:{closed_port}")
 
-    with pytest.raises(RetryableUploadError) as caught:
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    error = await _upload_error(api, _write(tmp_path, b"abc"), RetryableUploadError)
 
-    assert caught.value.status is None
-    assert "before the request was completely sent" in str(caught.value)
+    assert error.status is None
+    assert "before the request was completely sent" in str(error)
 
 
 async def test_stalled_server_write_timeout(make_api: ApiFactory, tmp_path: Path) -> None:
@@ -561,15 +553,14 @@ async def test_stalled_server_write_timeout(make_api: ApiFactory, tmp_path: Path
     port = server.sockets[0].getsockname()[1]
     try:
         api = await make_api(base_url=f"http://127.0.0.1:{port}", idle_timeout_s=0.3)
-        with pytest.raises(RetryableUploadError) as caught:
-            await api.client.upload(_upload_request(_write_large(tmp_path)))
+        error = await _upload_error(api, _write_large(tmp_path), RetryableUploadError)
     finally:
         release.set()
         server.close()
         await server.wait_closed()
 
     assert received_headers.is_set()
-    assert "accepted no data for 0.3 s" in str(caught.value)
+    assert "accepted no data for 0.3 s" in str(error)
 
 
 async def test_hash_mismatch_aborts_request(
@@ -699,8 +690,7 @@ async def test_server_date_on_error(
     await add_faults(standin.url, {"kind": "status", "status": 500})
     api = await make_api()
 
-    with pytest.raises(RetryableUploadError):
-        await api.client.upload(_upload_request(_write(tmp_path, b"abc")))
+    await _upload_error(api, _write(tmp_path, b"abc"), RetryableUploadError)
 
     assert api.client.last_server_date is not None
     skew_s = abs((api.client.last_server_date - datetime.now(timezone.utc)).total_seconds())

@@ -38,6 +38,26 @@ async def run_daemon(setup: Setup, *strace_args: str) -> asyncio.subprocess.Proc
                        stderr=asyncio.subprocess.DEVNULL)
 
 
+async def run_injected(
+    setup: Setup, path: Path, syscall: str, injection: str
+) -> asyncio.subprocess.Process:
+    """Start the daemon under strace, applying ``injection`` to ``syscall`` calls on ``path``."""
+    return await run_daemon(setup, "-P", str(path), "-e", f"trace={syscall}",
+                            "-e", f"inject={syscall}:{injection}")
+
+
+async def wait_for_state(setup: Setup, state: State, timeout_s: float, what: str) -> None:
+    """Wait until the ledger has exactly one row and that row is in ``state``."""
+    await wait_until(lambda: [r.state for r in setup.rows()] == [state],
+                     timeout_s=timeout_s, what=what)
+
+
+async def wait_for_upload_in_flight(setup: Setup) -> None:
+    """Wait until some row is in the uploading state."""
+    await wait_until(lambda: any(r.state == State.UPLOADING for r in setup.rows()),
+                     timeout_s=30, what="upload in flight")
+
+
 async def stop(process: asyncio.subprocess.Process) -> None:
     """SIGTERM the daemon (the child, when strace runs it) and wait for the exit."""
     if process.returncode is None:
@@ -74,14 +94,12 @@ async def test_kill_mid_body_flags_possible_duplicate(standin: StandIn, setup: S
     data = os.urandom(64 * 1024 * 1024)
     setup.drop("Alpha Person", "big.bin", data)
     first = await run_daemon(setup)
-    await wait_until(lambda: any(r.state == State.UPLOADING for r in setup.rows()),
-                     timeout_s=30, what="upload in flight")
+    await wait_for_upload_in_flight(setup)
     first.send_signal(signal.SIGKILL)
     await first.wait()
 
     second = await run_daemon(setup)
-    await wait_until(lambda: [r.state for r in setup.rows()] == [State.UPLOADED],
-                     timeout_s=60, what="upload after restart")
+    await wait_for_state(setup, State.UPLOADED, 60, "upload after restart")
     await stop(second)
 
     got = await received(standin.url)
@@ -94,14 +112,12 @@ async def test_kill_mid_body_flags_possible_duplicate(standin: StandIn, setup: S
 async def test_kill_while_hashing_then_upload(standin: StandIn, setup: Setup) -> None:
     """Killed while hashing a settled file: after a restart it goes up once."""
     path = setup.drop("Alpha Person", "h.bin", os.urandom(1024 * 1024))
-    first = await run_daemon(setup, "-P", str(path), "-e", "trace=openat",
-                             "-e", "inject=openat:signal=KILL:when=1")
+    first = await run_injected(setup, path, "openat", "signal=KILL:when=1")
     await asyncio.wait_for(first.wait(), 30)
     assert [r.state for r in setup.rows()] == [State.WAITING]
 
     second = await run_daemon(setup)
-    await wait_until(lambda: [r.state for r in setup.rows()] == [State.UPLOADED],
-                     timeout_s=30, what="upload after restart")
+    await wait_for_state(setup, State.UPLOADED, 30, "upload after restart")
     await stop(second)
 
     got = await received(standin.url)
@@ -112,10 +128,8 @@ async def test_kill_while_hashing_then_upload(standin: StandIn, setup: Setup) ->
 async def test_busy_file_is_retried(standin: StandIn, setup: Setup) -> None:
     """EBUSY when opening a settled file defers it; it goes up once the file is free."""
     path = setup.drop("Alpha Person", "busy.txt", b"locked by the scanner")
-    daemon = await run_daemon(setup, "-P", str(path), "-e", "trace=openat",
-                              "-e", "inject=openat:error=EBUSY:when=1..2")
-    await wait_until(lambda: [r.state for r in setup.rows()] == [State.UPLOADED],
-                     timeout_s=40, what="upload after EBUSY")
+    daemon = await run_injected(setup, path, "openat", "error=EBUSY:when=1..2")
+    await wait_for_state(setup, State.UPLOADED, 40, "upload after EBUSY")
     await stop(daemon)
 
     got = await received(standin.url)
@@ -128,15 +142,12 @@ async def test_changed_during_upload_goes_up_once(standin: StandIn, setup: Setup
     first = os.urandom(4 * 1024 * 1024)
     path = setup.drop("Alpha Person", "grow.bin", first)
     # Slow every read of this file so the upload is still streaming when it changes.
-    daemon = await run_daemon(setup, "-P", str(path), "-e", "trace=read",
-                              "-e", "inject=read:delay_enter=150000")
-    await wait_until(lambda: any(r.state == State.UPLOADING for r in setup.rows()),
-                     timeout_s=30, what="upload in flight")
+    daemon = await run_injected(setup, path, "read", "delay_enter=150000")
+    await wait_for_upload_in_flight(setup)
     final = os.urandom(4 * 1024 * 1024)
     with open(path, "r+b") as out:
         out.write(final)
-    await wait_until(lambda: [r.state for r in setup.rows()] == [State.UPLOADED],
-                     timeout_s=60, what="upload of the new content")
+    await wait_for_state(setup, State.UPLOADED, 60, "upload of the new content")
     await stop(daemon)
 
     got = await received(standin.url)
@@ -148,13 +159,10 @@ async def test_changed_during_upload_goes_up_once(standin: StandIn, setup: Setup
 async def test_deleted_during_upload_vanishes(standin: StandIn, setup: Setup) -> None:
     """A file deleted while its body streams is dropped quietly; the service stores nothing."""
     path = setup.drop("Alpha Person", "gone.bin", os.urandom(4 * 1024 * 1024))
-    daemon = await run_daemon(setup, "-P", str(path), "-e", "trace=read",
-                              "-e", "inject=read:delay_enter=150000")
-    await wait_until(lambda: any(r.state == State.UPLOADING for r in setup.rows()),
-                     timeout_s=30, what="upload in flight")
+    daemon = await run_injected(setup, path, "read", "delay_enter=150000")
+    await wait_for_upload_in_flight(setup)
     path.unlink()
-    await wait_until(lambda: [r.state for r in setup.rows()] == [State.VANISHED],
-                     timeout_s=30, what="vanished row")
+    await wait_for_state(setup, State.VANISHED, 30, "vanished row")
     await stop(daemon)
 
     assert await received(standin.url) == []
@@ -164,18 +172,15 @@ async def test_deleted_during_upload_vanishes(standin: StandIn, setup: Setup) ->
 async def test_unreadable_file_held_then_retried(standin: StandIn, setup: Setup) -> None:
     """EACCES on a settled file holds it; `retry` after the fix settles and uploads it."""
     path = setup.drop("Alpha Person", "locked.txt", b"permissions fixed later")
-    daemon = await run_daemon(setup, "-P", str(path), "-e", "trace=openat",
-                              "-e", "inject=openat:error=EACCES:when=1")
-    await wait_until(lambda: [r.state for r in setup.rows()] == [State.HELD],
-                     timeout_s=30, what="held row")
+    daemon = await run_injected(setup, path, "openat", "error=EACCES:when=1")
+    await wait_for_state(setup, State.HELD, 30, "held row")
     held = setup.rows()[0]
     assert "may not read" in (held.last_error or "")
     retry = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "uploader", "retry", "--all", "--config", str(setup.config_path),
         stdout=asyncio.subprocess.DEVNULL)
     assert await retry.wait() == 0
-    await wait_until(lambda: [r.state for r in setup.rows()] == [State.UPLOADED],
-                     timeout_s=30, what="upload after retry")
+    await wait_for_state(setup, State.UPLOADED, 30, "upload after retry")
     await stop(daemon)
 
     got = await received(standin.url)

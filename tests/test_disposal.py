@@ -278,6 +278,20 @@ def _really_read_only(folder: Path) -> bool:
     return False
 
 
+def _check_link_archived_as_link(tmp_path: Path, drop: Path, archive: Path) -> None:
+    """Archive a link that points outside the drop folder and check that the link itself moved."""
+    target = tmp_path / "outside.pdf"
+    target.write_bytes(b"target bytes")
+    link = drop / "Jones" / "link.pdf"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    final = archive_file(link, "Jones/link.pdf", archive, staff_group=None)
+    assert final.is_symlink()
+    assert os.readlink(final) == str(target)
+    assert target.read_bytes() == b"target bytes"
+    assert not os.path.lexists(link)
+
+
 class TestOtherFilesystem:
     """A tmpfs mount makes hard links impossible (EXDEV), so these run the copy path."""
 
@@ -334,31 +348,13 @@ class TestOtherFilesystem:
 
     def test_copy_symlink_source(self, tmp_path: Path, drop: Path, tmpfs: Path) -> None:
         """Across filesystems a symbolic link is recreated as a link, not copied from its target."""
-        target = tmp_path / "outside.pdf"
-        target.write_bytes(b"target bytes")
-        link = drop / "Jones" / "link.pdf"
-        link.parent.mkdir()
-        link.symlink_to(target)
-        final = archive_file(link, "Jones/link.pdf", tmpfs / "archive", staff_group=None)
-        assert final.is_symlink()
-        assert os.readlink(final) == str(target)
-        assert target.read_bytes() == b"target bytes"
-        assert not os.path.lexists(link)
+        _check_link_archived_as_link(tmp_path, drop, tmpfs / "archive")
 
 
 class TestSymlinks:
     def test_symlink_source_moved_as_link(self, tmp_path: Path, drop: Path) -> None:
         """A symbolic link source is moved as the link itself; its target is untouched."""
-        target = tmp_path / "outside.pdf"
-        target.write_bytes(b"target bytes")
-        link = drop / "Jones" / "link.pdf"
-        link.parent.mkdir()
-        link.symlink_to(target)
-        final = archive_file(link, "Jones/link.pdf", tmp_path / "archive", staff_group=None)
-        assert final.is_symlink()
-        assert os.readlink(final) == str(target)
-        assert target.read_bytes() == b"target bytes"
-        assert not os.path.lexists(link)
+        _check_link_archived_as_link(tmp_path, drop, tmp_path / "archive")
 
     def test_symlink_in_mirror_rejected(self, tmp_path: Path, drop: Path) -> None:
         """A symbolic link planted as a mirrored folder is not followed; the move fails."""

@@ -16,7 +16,7 @@ import ssl
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -207,43 +207,45 @@ async def test_auth_refusal_pauses_with_causes(standin: StandIn, setup_factory: 
     assert len(await received(standin.url)) == 1
 
 
-async def test_untrusted_certificate_pauses(tmp_path: Path, standin_settings: StandInSettings,
-                                            tls_files: SimpleNamespace) -> None:
-    """An HTTPS stand-in whose certificate does not verify pauses uploads; nothing fails."""
+@pytest.fixture
+async def https_standin(standin_settings: StandInSettings,
+                        tls_files: SimpleNamespace) -> AsyncIterator[StandIn]:
+    """A stand-in serving HTTPS with the self-signed test certificate, closed at teardown."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls_files.cert, tls_files.key)
     secure = await start_standin(standin_settings, ssl_context=context)
     try:
-        setup = make_setup(tmp_path, secure.url, standin_settings)
-        setup.drop("Alpha Person", "a.txt", b"tls")
-        with capture_logs() as logs:
-            async with DaemonRunner(setup) as runner:
-                await wait_until(lambda: getattr(getattr(runner.daemon, "gate", None),
-                                                 "paused", False), what="pause")
-                await asyncio.sleep(0.5)
-        assert [r.state for r in setup.rows()] == [State.QUEUED]
-        assert len(secure.state.received) == 0
-        paused = [e for e in logs if e["event"] == "service.paused"]
-        assert "api.ca_file" in paused[0]["action"]
+        yield secure
     finally:
         await secure.close()
+
+
+async def test_untrusted_certificate_pauses(tmp_path: Path, standin_settings: StandInSettings,
+                                            https_standin: StandIn) -> None:
+    """An HTTPS stand-in whose certificate does not verify pauses uploads; nothing fails."""
+    setup = make_setup(tmp_path, https_standin.url, standin_settings)
+    setup.drop("Alpha Person", "a.txt", b"tls")
+    with capture_logs() as logs:
+        async with DaemonRunner(setup) as runner:
+            await wait_until(lambda: getattr(getattr(runner.daemon, "gate", None),
+                                             "paused", False), what="pause")
+            await asyncio.sleep(0.5)
+    assert [r.state for r in setup.rows()] == [State.QUEUED]
+    assert len(https_standin.state.received) == 0
+    paused = [e for e in logs if e["event"] == "service.paused"]
+    assert "api.ca_file" in paused[0]["action"]
 
 
 async def test_trusted_with_ca_file_uploads(tmp_path: Path, standin_settings: StandInSettings,
-                                            tls_files: SimpleNamespace) -> None:
+                                            tls_files: SimpleNamespace,
+                                            https_standin: StandIn) -> None:
     """With api.ca_file naming the stand-in's certificate, the same upload succeeds."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls_files.cert, tls_files.key)
-    secure = await start_standin(standin_settings, ssl_context=context)
-    try:
-        setup = make_setup(tmp_path, secure.url, standin_settings,
-                           api={"ca_file": str(tls_files.cert)})
-        setup.drop("Alpha Person", "a.txt", b"tls ok")
-        async with DaemonRunner(setup):
-            await wait_until(lambda: rows_in(setup, State.UPLOADED), what="upload")
-        assert len(secure.state.received) == 1
-    finally:
-        await secure.close()
+    setup = make_setup(tmp_path, https_standin.url, standin_settings,
+                       api={"ca_file": str(tls_files.cert)})
+    setup.drop("Alpha Person", "a.txt", b"tls ok")
+    async with DaemonRunner(setup):
+        await wait_until(lambda: rows_in(setup, State.UPLOADED), what="upload")
+    assert len(https_standin.state.received) == 1
 
 
 async def test_clock_skew_is_logged(tmp_path: Path, standin_settings: StandInSettings) -> None:

@@ -68,10 +68,18 @@ class StalledWriter:
 
 
 def _body_for(path: Path | bytes, name: str = "report.pdf", **overrides: object) -> FileUploadBody:
-    """Build a body whose expected values are the file's current ones."""
+    """
+    Build a body whose expected values are the file's current ones.
+
+    The file is read for its hash only when ``sha256`` is not given, so a FIFO
+    can be passed with a ``sha256`` without blocking the test.
+    """
     file_stat = os.stat(path)
-    with open(path, "rb") as handle:
-        digest = hashlib.sha256(handle.read()).hexdigest()
+    if "sha256" in overrides:
+        digest = overrides.pop("sha256")
+    else:
+        with open(path, "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
     options: dict[str, object] = dict(
         client_id=CLIENT_ID,
         name=name,
@@ -348,41 +356,21 @@ async def test_body_symlink_not_followed(tmp_path: Path) -> None:
     target = _write_file(tmp_path, b"secret")
     link = tmp_path / "link.txt"
     link.symlink_to(target)
-    body = _body_for(target)
-    body_via_link = FileUploadBody(
-        link,
-        client_id=CLIENT_ID,
-        name="link.txt",
-        size=6,
-        sha256=hashlib.sha256(b"secret").hexdigest(),
-        mtime_ns=os.stat(target).st_mtime_ns,
-        ctime_ns=os.stat(target).st_ctime_ns,
-        idle_timeout_s=5.0,
-    )
+    # os.stat and open follow the link, so the expected values are the target's.
+    body_via_link = _body_for(link, name="link.txt")
     writer = CollectingWriter()
 
     with pytest.raises(FileChangedError, match="symbolic link"):
         await body_via_link.write_with_length(writer, None)
 
     assert writer.data == b""
-    await body.close()
 
 
 async def test_body_fifo_not_opened(tmp_path: Path) -> None:
     """A FIFO at the path is rejected at once instead of blocking the open."""
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    fifo_stat = os.stat(fifo)
-    body = FileUploadBody(
-        fifo,
-        client_id=CLIENT_ID,
-        name="pipe",
-        size=0,
-        sha256=hashlib.sha256(b"").hexdigest(),
-        mtime_ns=fifo_stat.st_mtime_ns,
-        ctime_ns=fifo_stat.st_ctime_ns,
-        idle_timeout_s=5.0,
-    )
+    body = _body_for(fifo, name="pipe", sha256=hashlib.sha256(b"").hexdigest())
 
     with pytest.raises(FileChangedError, match="regular file"):
         await body.open()

@@ -6,6 +6,7 @@ an abstract one, as systemd creates them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -70,6 +71,11 @@ def abstract_listener() -> Iterator[Listener]:
         sock.close()
 
 
+def _notifier(socket_value: str) -> contextlib.closing[Notifier]:
+    """Wrap a notifier for NOTIFY_SOCKET=``socket_value`` so it closes when the with block ends."""
+    return contextlib.closing(Notifier({"NOTIFY_SOCKET": socket_value}))
+
+
 class TestAddress:
     def test_address_abstract(self) -> None:
         """An '@' name becomes a NUL-prefixed abstract address."""
@@ -110,29 +116,20 @@ class TestWatchdogInterval:
 class TestNotifier:
     def test_ready_path_socket(self, path_listener: Listener) -> None:
         """ready() sends READY=1 and the status line in one datagram to a path socket."""
-        notifier = Notifier({"NOTIFY_SOCKET": path_listener.env_value})
-        try:
+        with _notifier(path_listener.env_value) as notifier:
             assert notifier.ready("Queue 0; uploaded today 0")
-        finally:
-            notifier.close()
         assert path_listener.receive() == ["READY=1", "STATUS=Queue 0; uploaded today 0"]
 
     def test_status_abstract_socket(self, abstract_listener: Listener) -> None:
         """status() reaches an abstract socket named with '@'."""
-        notifier = Notifier({"NOTIFY_SOCKET": abstract_listener.env_value})
-        try:
+        with _notifier(abstract_listener.env_value) as notifier:
             assert notifier.status("Queue 3")
-        finally:
-            notifier.close()
         assert abstract_listener.receive() == ["STATUS=Queue 3"]
 
     def test_status_one_line(self, path_listener: Listener) -> None:
         """A status with newlines is folded onto one line and capped in length."""
-        notifier = Notifier({"NOTIFY_SOCKET": path_listener.env_value})
-        try:
+        with _notifier(path_listener.env_value) as notifier:
             notifier.status("first\nSECRET=1\n" + "x" * 1000)
-        finally:
-            notifier.close()
         lines = path_listener.receive()
         assert len(lines) == 1
         assert lines[0].startswith("STATUS=first SECRET=1 xxx")
@@ -141,11 +138,8 @@ class TestNotifier:
 
     def test_stopping_message(self, path_listener: Listener) -> None:
         """stopping() sends STOPPING=1 with a status line."""
-        notifier = Notifier({"NOTIFY_SOCKET": path_listener.env_value})
-        try:
+        with _notifier(path_listener.env_value) as notifier:
             notifier.stopping()
-        finally:
-            notifier.close()
         lines = path_listener.receive()
         assert lines[0] == "STOPPING=1"
         assert lines[1].startswith("STATUS=Stopping")
@@ -159,12 +153,9 @@ class TestNotifier:
 
     def test_missing_socket_false(self, tmp_path: Path) -> None:
         """A NOTIFY_SOCKET path with no listener returns False and does not raise."""
-        notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone")})
-        try:
+        with _notifier(str(tmp_path / "gone")) as notifier:
             assert notifier.status("x") is False
             assert notifier.watchdog() is False
-        finally:
-            notifier.close()
 
 
 class TestWatchdogLoop:

@@ -144,29 +144,23 @@ class TestNextCheck:
 
 
 class TestPdfEof:
-    @pytest.mark.parametrize("tail", [
-        b"%PDF-1.7\n...\n%%EOF",
-        b"...%%EOF\n",
-        b"...%%EOF\r\n",
-        b"...%%EOF \t\r\n\f\x00\n",
-        b"%%EOF\n...incremental update...\n%%EOF\n",
+    @pytest.mark.parametrize(("tail", "expected"), [
+        pytest.param(b"%PDF-1.7\n...\n%%EOF", True, id="eof-last"),
+        pytest.param(b"...%%EOF\n", True, id="eof-lf"),
+        pytest.param(b"...%%EOF\r\n", True, id="eof-crlf"),
+        pytest.param(b"...%%EOF \t\r\n\f\x00\n", True, id="eof-pdf-whitespace"),
+        pytest.param(b"%%EOF\n...incremental update...\n%%EOF\n", True, id="eof-after-update"),
+        pytest.param(b"", False, id="empty"),
+        pytest.param(b"%PDF-1.7\nstream half written", False, id="no-eof"),
+        pytest.param(b"...%%EOF\ngarbage", False, id="text-after-eof"),
+        pytest.param(b"...%%EOF\n%%EO", False, id="partial-second-eof"),
+        pytest.param(b"...%%EOF x", False, id="letter-after-eof"),
+        pytest.param(b"...%%eof\n", False, id="lower-case"),
+        pytest.param(b"...%EOF\n", False, id="single-percent"),
     ])
-    def test_pdf_eof_found(self, tail: bytes) -> None:
-        """%%EOF at the end, followed only by PDF whitespace, is found."""
-        assert pdf_has_eof(tail) is True
-
-    @pytest.mark.parametrize("tail", [
-        b"",
-        b"%PDF-1.7\nstream half written",
-        b"...%%EOF\ngarbage",
-        b"...%%EOF\n%%EO",
-        b"...%%EOF x",
-        b"...%%eof\n",
-        b"...%EOF\n",
-    ])
-    def test_pdf_eof_missing(self, tail: bytes) -> None:
-        """Without %%EOF, with text after it, or in the wrong case, no end is found."""
-        assert pdf_has_eof(tail) is False
+    def test_pdf_eof(self, tail: bytes, expected: bool) -> None:
+        """%%EOF is found only in upper case and followed by nothing but PDF whitespace."""
+        assert pdf_has_eof(tail) is expected
 
     def test_is_pdf_name(self) -> None:
         """Names ending in .pdf in any case are PDFs, and other names are not."""
@@ -176,39 +170,37 @@ class TestPdfEof:
         assert is_pdf_name("pdf") is False
 
 
-class TestReadTail:
-    def test_read_tail_large_file(self, tmp_path: Path) -> None:
-        """For a file larger than PDF_TAIL_BYTES only the last PDF_TAIL_BYTES are read."""
-        data = bytes(range(256)) * 20 + b"\n%%EOF\n"
-        path = tmp_path / "big.pdf"
-        path.write_bytes(data)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            tail = read_tail(fd, len(data))
-        finally:
-            os.close(fd)
-        assert tail == data[-PDF_TAIL_BYTES:]
-        assert pdf_has_eof(tail) is True
+def _tail_of(path: Path, size: int) -> bytes:
+    """Open ``path``, read its tail for a file of ``size`` bytes, and close it again."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return read_tail(fd, size)
+    finally:
+        os.close(fd)
 
-    def test_read_tail_small_file(self, tmp_path: Path) -> None:
-        """For a small file the whole content is read."""
-        path = tmp_path / "small.pdf"
-        path.write_bytes(b"%PDF-1.4\n%%EOF")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            assert read_tail(fd, 14) == b"%PDF-1.4\n%%EOF"
-        finally:
-            os.close(fd)
+
+LARGE_PDF = bytes(range(256)) * 20 + b"\n%%EOF\n"
+SMALL_PDF = b"%PDF-1.4\n%%EOF"
+
+
+class TestReadTail:
+    @pytest.mark.parametrize(("data", "expected_tail"), [
+        pytest.param(LARGE_PDF, LARGE_PDF[-PDF_TAIL_BYTES:], id="larger-than-tail"),
+        pytest.param(SMALL_PDF, SMALL_PDF, id="smaller-than-tail"),
+    ])
+    def test_read_tail_sizes(self, tmp_path: Path, data: bytes, expected_tail: bytes) -> None:
+        """A file over PDF_TAIL_BYTES gives its last PDF_TAIL_BYTES, and a smaller one all of it."""
+        path = tmp_path / "doc.pdf"
+        path.write_bytes(data)
+        tail = _tail_of(path, len(data))
+        assert tail == expected_tail
+        assert pdf_has_eof(tail) is True
 
     def test_read_tail_uses_given_size(self, tmp_path: Path) -> None:
         """The tail ends at the size given, so bytes appended after the stat are not read."""
         path = tmp_path / "growing.pdf"
         path.write_bytes(b"x" * 2000 + b"%%EOF\n" + b"more pages")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            tail = read_tail(fd, 2006)
-        finally:
-            os.close(fd)
+        tail = _tail_of(path, 2006)
         assert len(tail) == PDF_TAIL_BYTES
         assert tail.endswith(b"%%EOF\n")
 
@@ -216,8 +208,4 @@ class TestReadTail:
         """An empty file gives an empty tail."""
         path = tmp_path / "empty.pdf"
         path.touch()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            assert read_tail(fd, 0) == b""
-        finally:
-            os.close(fd)
+        assert _tail_of(path, 0) == b""

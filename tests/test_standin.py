@@ -263,6 +263,13 @@ def messages(answer: ApiResponse) -> str:
     return " ".join(m["message"] for m in answer.json()["statusMessages"])
 
 
+async def assert_bad_request(standin: StandIn, answer: ApiResponse, fragment: str) -> None:
+    """Check that ``answer`` is a 400 whose messages contain ``fragment``, with nothing stored."""
+    assert answer.status == 400
+    assert fragment in messages(answer)
+    await assert_nothing_stored(standin)
+
+
 @pytest.fixture
 async def start_custom(
     standin_settings: StandInSettings,
@@ -711,9 +718,7 @@ class TestFraming:
         """A Content-Type other than multipart/form-data with one boundary gets 400."""
         answer = await send(http, standin, valid_body(), content_type=content_type)
 
-        assert answer.status == 400
-        assert fragment in messages(answer)
-        await assert_nothing_stored(standin)
+        await assert_bad_request(standin, answer, fragment)
 
     async def test_quoted_boundary_accepted(
         self, standin: StandIn, http: aiohttp.ClientSession
@@ -812,9 +817,7 @@ class TestMultipart:
         """A body whose parts or part headers differ from the known-good format gets 400."""
         answer = await send(http, standin, body)
 
-        assert answer.status == 400
-        assert fragment in messages(answer)
-        await assert_nothing_stored(standin)
+        await assert_bad_request(standin, answer, fragment)
 
     @pytest.mark.parametrize("value, fragment", JSON_CASES)
     async def test_json_part_rejected(
@@ -823,9 +826,7 @@ class TestMultipart:
         """A json part with a missing, unknown or mistyped field gets 400 naming it."""
         answer = await send(http, standin, two_parts(value=value))
 
-        assert answer.status == 400
-        assert fragment in messages(answer)
-        await assert_nothing_stored(standin)
+        await assert_bad_request(standin, answer, fragment)
 
     @pytest.mark.parametrize(
         "declared, fragment",
@@ -842,9 +843,7 @@ class TestMultipart:
         value = json_value("a.txt", DATA, size=str(declared))
         answer = await send(http, standin, two_parts(value=value))
 
-        assert answer.status == 400
-        assert fragment in messages(answer)
-        await assert_nothing_stored(standin)
+        await assert_bad_request(standin, answer, fragment)
 
     @pytest.mark.parametrize("raw_name, fragment", BAD_FILENAMES.values(), ids=BAD_FILENAMES.keys())
     async def test_filename_encoding_rejected(
@@ -855,9 +854,7 @@ class TestMultipart:
         body = two_parts(value=json_value('a"b.txt', DATA), headers=headers)
         answer = await send(http, standin, body)
 
-        assert answer.status == 400
-        assert fragment in messages(answer)
-        await assert_nothing_stored(standin)
+        await assert_bad_request(standin, answer, fragment)
 
     async def test_filename_differs_from_name(
         self, standin: StandIn, http: aiohttp.ClientSession
@@ -865,9 +862,7 @@ class TestMultipart:
         """A filename that differs from the json name gets 400."""
         answer = await send(http, standin, two_parts(headers=file_headers("b.txt")))
 
-        assert answer.status == 400
-        assert "differs from the json name 'a.txt'" in messages(answer)
-        await assert_nothing_stored(standin)
+        await assert_bad_request(standin, answer, "differs from the json name 'a.txt'")
 
     async def test_unknown_client_gets_404(
         self, standin: StandIn, http: aiohttp.ClientSession
