@@ -13,8 +13,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from harness import Setup, kill_spawned, make_setup
+
 from uploader.standin import DEMO_CLIENTS, StandIn, StandInSettings, start_standin
 
 # --- stand-in fixtures ---------------------------------------------------------

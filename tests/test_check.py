@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from harness import ALPHA, BRAVO, CHARLIE, Setup, make_setup
 from test_alerts import MailServer
+
 from uploader.check import (
     CheckReport,
     filesystem_type,

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from harness import Setup, make_setup, spawn, wait_until
 from standin_helpers import add_faults, received, received_content
+
 from uploader.constants import ExitCode, State
 from uploader.ledger import DISPOSITION_ARCHIVED
 from uploader.standin import StandIn, StandInSettings

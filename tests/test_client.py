@@ -14,7 +14,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -22,15 +22,15 @@ from typing import Any, TypeVar
 import aiohttp
 import jwt
 import pytest
-
 from harness import DaemonRunner, make_setup, wait_until
 from standin_helpers import add_faults, received, received_content, stats
+
 from uploader.client import (
-    environment_proxy,
     ApiSettings,
     CoreplusClient,
     UploadRequest,
     create_session,
+    environment_proxy,
 )
 from uploader.credentials import Credentials
 from uploader.exceptions import (
@@ -164,8 +164,7 @@ def _write_large(tmp_path: Path, size: int = LARGE_BYTES, name: str = "large.bin
     path = tmp_path / "drop" / name
     path.parent.mkdir(exist_ok=True)
     with open(path, "wb") as handle:
-        for offset in range(0, size, len(pattern)):
-            handle.write(pattern[: size - offset])
+        handle.writelines(pattern[: size - offset] for offset in range(0, size, len(pattern)))
     return path
 
 
@@ -693,7 +692,7 @@ async def test_server_date_on_error(
     await _upload_error(api, _write(tmp_path, b"abc"), RetryableUploadError)
 
     assert api.client.last_server_date is not None
-    skew_s = abs((api.client.last_server_date - datetime.now(timezone.utc)).total_seconds())
+    skew_s = abs((api.client.last_server_date - datetime.now(UTC)).total_seconds())
     assert skew_s < 60
 
 
@@ -712,7 +711,7 @@ async def test_server_date_shows_skew(
         await skewed.close()
 
     assert api.client.last_server_date is not None
-    skew_s = (api.client.last_server_date - datetime.now(timezone.utc)).total_seconds()
+    skew_s = (api.client.last_server_date - datetime.now(UTC)).total_seconds()
     assert 30 < skew_s < 50
 
 

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from harness import Setup, make_setup, spawn, wait_until
 from standin_helpers import received
+
 from uploader.constants import State
 from uploader.standin import StandIn, StandInSettings
 

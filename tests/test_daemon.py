@@ -10,9 +10,9 @@ import hashlib
 import os
 from collections.abc import Callable
 
-
-from standin_helpers import add_faults, received, received_content, stats
 from harness import ALPHA, BRAVO, CHARLIE, DaemonRunner, Setup, wait_until
+from standin_helpers import add_faults, received, received_content, stats
+
 from uploader.constants import State
 from uploader.standin import StandIn
 

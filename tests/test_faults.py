@@ -22,10 +22,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
-
 from harness import ALPHA, BRAVO, DaemonRunner, Setup, make_setup, wait_until
 from standin_helpers import add_faults, received, received_content, set_down, set_up, stats
+from structlog.testing import capture_logs
+
 from uploader.constants import State
 from uploader.standin import StandIn, StandInSettings, start_standin
 

@@ -23,13 +23,13 @@ import pytest
 from uploader.constants import ACTIVE_STATES, State
 from uploader.exceptions import LedgerDamagedError, LedgerError, LedgerLockedError
 from uploader.ledger import (
+    _SCHEMA_V1,
     DISPOSITION_ARCHIVED,
     DISPOSITION_DELETED,
     DISPOSITION_FAILED_DIR,
     DISPOSITION_KEPT,
     DISPOSITION_PENDING,
     SCHEMA_VERSION,
-    _SCHEMA_V1,
     Claim,
     FileRow,
     Ledger,

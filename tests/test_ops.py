@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
-
 from harness import ALPHA, DaemonRunner, Setup, make_setup, wait_until
 from standin_helpers import add_faults
+from structlog.testing import capture_logs
+
 from uploader.alerts import Alerter, SentRegister
 from uploader.config import AlertConfig
 from uploader.constants import STATUS_FILE_NAME, State

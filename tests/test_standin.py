@@ -31,8 +31,6 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from yarl import URL
-
 from standin_helpers import (
     add_faults,
     received,
@@ -43,6 +41,8 @@ from standin_helpers import (
     set_up,
     stats,
 )
+from yarl import URL
+
 from uploader._standin_multipart import MultipartError, UploadBodyReader
 from uploader.standin import DEMO_CLIENTS, StandIn, StandInSettings, main, start_standin
 

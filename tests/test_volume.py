@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import CLIENT_IDS, DaemonRunner, make_setup, wait_until
 from standin_helpers import received, received_content, stats
+
 from uploader.constants import State
 from uploader.standin import StandIn, StandInSettings
 

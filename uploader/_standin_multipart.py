@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
 #: Maximum length of one part header line in bytes. An escaped 255-byte name fits.

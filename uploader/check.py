@@ -30,7 +30,7 @@ import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -810,7 +810,7 @@ async def _lookup_clients(config: Config, credentials: Credentials,
 def _clock_skew_s(server_date: datetime | None) -> float | None:
     if server_date is None:
         return None
-    return (datetime.now(timezone.utc) - server_date).total_seconds()
+    return (datetime.now(UTC) - server_date).total_seconds()
 
 
 def check_online(report: CheckReport, config: Config, credentials: Credentials) -> None:

@@ -22,14 +22,14 @@ import email.utils
 import ipaddress
 import json
 import ssl
-import urllib.request
-from urllib.parse import urlsplit
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from yarl import URL
@@ -610,7 +610,7 @@ def _server_date(response: aiohttp.ClientResponse) -> datetime | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _error_body(raw_body: bytes) -> str:

@@ -385,7 +385,7 @@ def _convert(key: str, value: object, hint: Any, default: object, base_dir: Path
     return _expect_text(key, value, default)
 
 
-def _check_range(key: str, value: int | float, written: object) -> None:
+def _check_range(key: str, value: float, written: object) -> None:
     minimum = _MINIMUMS.get(key, 0)
     maximum = _MAXIMUMS.get(key)
     if maximum is not None and not minimum <= value <= maximum:

@@ -16,9 +16,9 @@ source where it was.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
-import contextlib
 import os
 import secrets
 import stat

@@ -8,7 +8,6 @@ spreadsheet would run as a formula are escaped, because these files get opened i
 from __future__ import annotations
 
 import csv
-import io
 import os
 import sys
 from collections.abc import Iterable
@@ -59,7 +58,7 @@ def open_private(path: Path) -> TextIO:
         FileExistsError: the file exists already.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    return io.open(fd, "w", encoding="utf-8", newline="")
+    return open(fd, "w", encoding="utf-8", newline="")
 
 
 def export_to(rows: Iterable[FileRow], output: Path | None) -> int:

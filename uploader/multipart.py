@@ -107,7 +107,7 @@ def _form_head(boundary: bytes, *, name: str, client_id: str, size: int) -> byte
         b"",
         json_part_value(name=name, client_id=client_id, size=size),
         b"--" + boundary,
-        f"Content-Disposition: {file_disposition}".encode("utf-8"),
+        f"Content-Disposition: {file_disposition}".encode(),
         f"Content-Type: {PART_CONTENT_TYPE}".encode("ascii"),
         b"",
         b"",

@@ -17,7 +17,7 @@ import inspect
 import random as random_module
 import re
 from collections.abc import Awaitable, Callable
-from datetime import timezone
+from datetime import UTC
 from typing import TYPE_CHECKING
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
@@ -70,7 +70,7 @@ def parse_retry_after(value: str | None, now_s: float) -> float | None:
         return None
     # An HTTP date is always GMT; a date without a zone is read as UTC too.
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now_s)
 
 

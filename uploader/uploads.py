@@ -26,8 +26,8 @@ from uploader.constants import CLOCK_SKEW_WARN_S, LEDGER_POLL_INTERVAL_S, State
 from uploader.context import Runtime, daemon_user
 from uploader.exceptions import (
     FileChangedError,
-    LedgerError,
     FileVanishedError,
+    LedgerError,
     PermanentUploadError,
     RetryableUploadError,
     ServicePausedError,
