@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from harness import ALPHA, DaemonRunner, Setup, make_setup, wait_until
-from standin_helpers import add_faults
+from standin_helpers import add_faults, received
 from structlog.testing import capture_logs
 
 from uploader.alerts import Alerter, SentRegister
@@ -358,3 +358,27 @@ class TestDaemonWiring:
         assert alerts_sent(out)[0]["kinds"] == "failed"
         assert "bad.txt" in (setup.root / STATUS_FILE_NAME).read_text()
         assert [r.state for r in setup.rows()] == [State.FAILED]
+
+    async def test_daemon_ready_while_root_missing(self, tmp_path: Path, standin: StandIn,
+                                                   standin_settings: StandInSettings,
+                                                   notify: NotifySocket,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+        """A drop root that is missing at start-up gets READY=1 at once, and the files
+        dropped once it appears are uploaded."""
+        monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+        setup = make_setup(tmp_path, standin.url, standin_settings)
+        setup.root.rmdir()
+        async with DaemonRunner(setup):
+            await wait_until(lambda: any(m[0] == "READY=1" for m in notify.drain()),
+                             what="READY=1 while the root is missing")
+            first_ready = next(m for m in notify.messages if m[0] == "READY=1")
+            assert setup.rows() == []
+            setup.root.mkdir()
+            setup.drop("Alpha Person", "late.txt", b"arrived after the mount")
+            await wait_until(lambda: [r.state for r in setup.rows()] == [State.UPLOADED],
+                             timeout_s=30, what="upload once the root exists")
+        assert first_ready[1].startswith("STATUS=Started; waiting for the drop root")
+        ready_messages = [m for m in notify.drain() if m[0] == "READY=1"]
+        assert ready_messages[-1] == ["READY=1", "STATUS=Started; the first scan found 1 file."]
+        got = await received(standin.url)
+        assert [g["name"] for g in got] == ["late.txt"]

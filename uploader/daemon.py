@@ -55,7 +55,8 @@ _CATCH_UP_SCAN_S = 2.0
 _MOVE_RETRY_S = 60.0
 
 #: Seconds that confirmed uploads get to be recorded at shutdown, even when the grace
-#: is used up or a second signal forces the stop: one commit and a move take far less.
+#: is used up or a second signal forces the stop. A commit and a move normally take
+#: milliseconds.
 _FINISH_GRACE_MIN_S = 5.0
 
 
@@ -248,6 +249,8 @@ class Daemon:
                     message=f"The drop root {self.rt.root} cannot be read, so nothing can "
                     "be uploaded yet. The daemon keeps checking.",
                     action="Check that the share is mounted and watch.root is right.")
+                if not self.options.oneshot:
+                    self.ops.waiting_for_root()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.rt.stopping.wait(), _ROOT_RETRY_S)
                 continue

@@ -169,6 +169,14 @@ class Operations:
         files = "1 file" if files_found == 1 else f"{files_found} files"
         self.notifier.ready(f"Started; the first scan found {files}.")
 
+    def waiting_for_root(self) -> None:
+        """
+        Send READY=1 while the drop root cannot be read, so systemd does not time the
+        start out and restart the daemon while it waits for the share.
+        """
+        self.notifier.ready("Started; waiting for the drop root to be readable (see the "
+                            "journal). Nothing is uploaded until it is.")
+
     def stopping(self) -> None:
         """Send STOPPING=1 at the start of an orderly shutdown."""
         self.notifier.stopping()
