@@ -79,6 +79,41 @@ async def test_sigterm_finishes_in_flight_upload(standin: StandIn, setup: Setup)
     assert archived.read_bytes() == stored
 
 
+async def test_rate_limited_rows_stay_queued(standin: StandIn, tmp_path: Path,
+                                             standin_settings: StandInSettings) -> None:
+    """
+    Rows whose workers wait for the rate limiter stay queued, so a forced stop flags at
+    most the one upload that was admitted.
+    """
+    setup = make_setup(tmp_path, standin.url, standin_settings,
+                       api={"max_requests_per_second": 1},
+                       upload={"workers": 4, "shutdown_grace_seconds": 10})
+    for index in range(8):
+        setup.drop("Alpha Person", f"doc{index}.txt", f"document {index}".encode())
+    daemon = await start_cli(setup, "run")
+    await wait_until(lambda: len([r for r in setup.rows() if r.state == State.UPLOADED]) >= 2,
+                     timeout_s=30, what="two uploads at one a second")
+    uploading_seen = []
+    for _ in range(20):
+        states = [r.state for r in setup.rows()]
+        uploading_seen.append(states.count(State.UPLOADING))
+        await asyncio.sleep(0.05)
+    daemon.send_signal(signal.SIGTERM)
+    daemon.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(daemon.communicate(), 30)
+
+    # Four workers are busy, but only the admitted one may have its bytes on the way.
+    assert max(uploading_seen) <= 1
+    rows = setup.rows()
+    flagged = [r for r in rows if r.possible_duplicate]
+    assert len(flagged) <= 1
+    stored = {g["name"] for g in await received(standin.url)}
+    for row in rows:
+        if row.state == State.QUEUED:
+            assert os.path.basename(row.display_path) not in stored
+            assert row.attempts == 0
+
+
 async def test_second_daemon_exits_3(standin: StandIn, setup: Setup) -> None:
     """A second daemon on the same ledger exits 3 and names the lock holder."""
     first = await start_cli(setup, "run")

@@ -6,6 +6,7 @@ rules of upload_with_retry, driven by a scripted stand-in for the client object.
 from __future__ import annotations
 
 import email.utils
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,8 +48,11 @@ class ScriptedClient:
         self._outcomes = list(outcomes)
         self.events: list[str] = []
 
-    async def upload(self, request: UploadRequest) -> UploadResult:
+    async def upload(self, request: UploadRequest, *,
+                     before_send: Callable[[], Awaitable[None]] | None = None) -> UploadResult:
         assert request is REQUEST
+        if before_send is not None:
+            await before_send()
         self.events.append("upload")
         outcome = self._outcomes.pop(0)
         if isinstance(outcome, BaseException):

@@ -24,7 +24,7 @@ import json
 import ssl
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -292,9 +292,17 @@ class CoreplusClient:
         # it for every request took about 4 % of the event loop's busy time in a profile.
         self._proxy = settings.proxy or environment_proxy(settings.base_url)
 
-    async def upload(self, request: UploadRequest) -> UploadResult:
+    async def upload(
+        self, request: UploadRequest, *, before_send: Callable[[], Awaitable[None]] | None = None
+    ) -> UploadResult:
         """
         Upload one file in a single try.
+
+        Args:
+            request: What to upload.
+            before_send: Awaited once the rate limiter admits the request and before
+                any byte is sent, so the caller can record that the upload starts only
+                when it really does. An exception from it ends the try unsent.
 
         Returns:
             The service's id for the stored file, with ``attempts`` = 1.
@@ -321,7 +329,7 @@ class CoreplusClient:
         try:
             # Opening first means a vanished or changed file costs no request.
             await body.open()
-            return await self._post_file(body, request)
+            return await self._post_file(body, request, before_send)
         finally:
             await body.close()
 
@@ -368,9 +376,12 @@ class CoreplusClient:
         """
         await self.list_clients(1, 1)
 
-    async def _post_file(self, body: FileUploadBody, request: UploadRequest) -> UploadResult:
+    async def _post_file(self, body: FileUploadBody, request: UploadRequest,
+                         before_send: Callable[[], Awaitable[None]] | None) -> UploadResult:
         url = self.file_url
         await self._limiter.acquire()
+        if before_send is not None:
+            await before_send()
         started_s = time.monotonic()
         try:
             async with self._session.post(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.utils
+import functools
 import inspect
 import random as random_module
 import re
@@ -119,8 +120,8 @@ async def upload_with_retry(
     """
     Upload one file, retrying transient failures with short waits.
 
-    Each try awaits ``before_attempt(attempt_number)`` and then ``client.upload``,
-    which mints a new token. Only ``RetryableUploadError`` is retried. The wait before
+    Each try calls ``client.upload``, which waits for the rate limiter, awaits
+    ``before_attempt(attempt_number)``, and then sends with a new token. Only ``RetryableUploadError`` is retried. The wait before
     a retry is the longer of the service's Retry-After and an exponential wait with
     jitter (about 1 s, 2 s, 4 s, ...), capped at ``INLINE_RETRY_MAX_WAIT_S`` and at
     ``backoff_max_s``.
@@ -130,8 +131,8 @@ async def upload_with_retry(
         request: What to upload.
         max_attempts: Tries before giving up; at least 1.
         backoff_max_s: The backoff cap, which also caps inline waits.
-        before_attempt: Called with the attempt number (from 1) before each try, for
-            example to record the ``uploading`` state.
+        before_attempt: Called with the attempt number (from 1) just before each try
+            sends its first byte, for example to record the ``uploading`` state.
         on_retry: Called with the attempt number that failed, its error and the wait
             in seconds before the next try; it may be a coroutine function.
         sleep: Coroutine that waits a number of seconds.
@@ -159,9 +160,9 @@ async def upload_with_retry(
     async for attempt in retrying:
         with attempt:
             attempt_number = attempt.retry_state.attempt_number
-            if before_attempt is not None:
-                await before_attempt(attempt_number)
-            result = await client.upload(request)
+            before_send = (None if before_attempt is None
+                           else functools.partial(before_attempt, attempt_number))
+            result = await client.upload(request, before_send=before_send)
     return dataclasses.replace(result, attempts=attempt_number)
 
 

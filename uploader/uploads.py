@@ -291,47 +291,57 @@ class Uploader:
             path=os.fsencode(rt.root / row.rel_path_str), client_id=row.client_id,
             name=_display_name(row), size=row.size, sha256=row.sha256,
             mtime_ns=row.mtime_ns, ctime_ns=row.ctime_ns)
-        # The duplicate lookup and the durable `uploading` mark share one commit, which
-        # lands before the first byte is sent.
-        claim = await rt.ledger.claim_upload(
-            row.id, attempts=row.attempts + 1,
-            duplicate_key=(row.client_id, row.sha256) if upload.skip_duplicates else None)
-        if claim.earlier is not None:
-            await self._mark_duplicate(row, claim.earlier)
-            return
-        if claim.row is None:
-            # Something else changed the row since it was taken (the intake saw the file
-            # change, for example) and has already logged why.
-            return
-        row = claim.row
-        attempts = row.attempts
+        if upload.skip_duplicates:
+            # Looked up before the rate limiter, so a duplicate never uses a request slot.
+            earlier = await rt.ledger.find_uploaded(row.client_id, row.sha256)
+            if earlier is not None and earlier.id != row.id:
+                await self._mark_duplicate(row, earlier)
+                return
+        claimed = row
 
         async def before_attempt(number: int) -> None:
-            nonlocal attempts
-            if number > 1:
-                attempts += 1
-                await rt.ledger.update(row.id, state=State.UPLOADING, attempts=attempts,
-                                       next_attempt_at=None)
+            # Runs once the rate limiter admits the try, so a stop during that wait
+            # leaves the row queued instead of flagged as a possible duplicate.
+            nonlocal claimed
+            if number == 1:
+                claim = await rt.ledger.claim_upload(
+                    row.id, attempts=row.attempts + 1,
+                    duplicate_key=(row.client_id, row.sha256) if upload.skip_duplicates
+                    else None)
+                if claim.row is None:
+                    raise _NotClaimed(claim.earlier)
+                claimed = claim.row
+            else:
+                claimed = await rt.ledger.update(
+                    row.id, state=State.UPLOADING, attempts=claimed.attempts + 1,
+                    next_attempt_at=None)
             log.info("upload.started", client=row.client_id, path=row.display_path,
-                     size=row.size, attempt=attempts)
+                     size=row.size, attempt=claimed.attempts)
 
         async def on_retry(number: int, exc: Exception, wait_s: float) -> None:
             log.warning("upload.retrying", client=row.client_id, path=row.display_path,
-                        attempt=attempts, error=str(exc), wait_seconds=round(wait_s, 1))
+                        attempt=claimed.attempts, error=str(exc),
+                        wait_seconds=round(wait_s, 1))
 
         try:
             result = await upload_with_retry(
                 self.client, request, max_attempts=upload.max_attempts,
                 backoff_max_s=upload.backoff_max_seconds, before_attempt=before_attempt,
                 on_retry=on_retry)
+        except _NotClaimed as lost:
+            if lost.earlier is not None:
+                await self._mark_duplicate(row, lost.earlier)
+            # Otherwise something else changed the row since it was taken (the intake saw
+            # the file change, for example) and has already logged why.
+            return
         except Exception as exc:
             self._check_clock()
-            await self._record_failure(row, exc, started)
+            await self._record_failure(claimed, exc, started)
             return
         self._check_clock(result)
         # The worker slot is free from here. Recording the outcome and moving the file run
         # as a task of their own, and the same bytes stay blocked until the row is uploaded.
-        task = asyncio.create_task(self._finish(row, result, started))
+        task = asyncio.create_task(self._finish(claimed, result, started))
         self.finishing[row.id] = task
 
     async def _finish(self, row: FileRow, result: UploadResult, started: float) -> None:
@@ -507,6 +517,17 @@ class Uploader:
                               f"{abs(skew):.0f} seconds; tokens may be refused.",
                               action="Enable time synchronisation (timedatectl "
                               "set-ntp true).")
+
+
+class _NotClaimed(Exception):
+    """
+    Raised before the first byte when the row cannot be claimed: it is no longer ready,
+    or ``earlier`` already holds the same bytes for the client.
+    """
+
+    def __init__(self, earlier: FileRow | None) -> None:
+        super().__init__("the row could not be claimed for upload")
+        self.earlier = earlier
 
 
 def _display_name(row: FileRow) -> str:
