@@ -340,22 +340,55 @@ async def test_root_removed_and_recreated(standin: StandIn, setup_factory: Setup
 
 async def test_read_only_archive_keeps_row(standin: StandIn, setup_factory: SetupFactory,
                                            mounts: Callable[..., None]) -> None:
-    """A read-only archive leaves the row uploaded and the file in place; no second upload."""
+    """
+    A read-only archive leaves the rows uploaded and the files in place, with no second
+    upload and one log line that names the archive folder.
+    """
     setup = setup_factory(watch={"rescan_seconds": 1})
-    setup.archive.mkdir()
+    (setup.archive / "Alpha Person").mkdir(parents=True)
     mounts("--bind", "-o", "ro", str(setup.archive), target=setup.archive)
-    setup.drop("Alpha Person", "a.txt", b"cannot archive")
+    names = ["a.txt", "b.txt", "c.txt"]
+    for name in names:
+        setup.drop("Alpha Person", name, f"cannot archive {name}".encode())
     with capture_logs() as logs:
         async with DaemonRunner(setup):
-            await wait_until(lambda: rows_in(setup, State.UPLOADED), what="upload")
+            await wait_until(lambda: len(rows_in(setup, State.UPLOADED)) == 3, what="uploads")
             await asyncio.sleep(3.0)
 
-    row = setup.rows()[0]
-    assert row.disposition == "pending"
-    assert (setup.root / "Alpha Person" / "a.txt").read_bytes() == b"cannot archive"
-    assert len(await received(standin.url)) == 1
-    assert len(setup.rows()) == 1
-    assert len([e for e in logs if e["event"] == "move.failed"]) == 1
+    rows = setup.rows()
+    assert [r.disposition for r in rows] == ["pending"] * 3
+    for name in names:
+        assert (setup.root / "Alpha Person" / name).read_bytes() == \
+            f"cannot archive {name}".encode()
+    assert len(await received(standin.url)) == 3
+    failures = [e for e in logs if e["event"] == "move.failed"]
+    assert len(failures) == 1
+    assert str(setup.archive / "Alpha Person") in failures[0]["error"]
+    assert ".partial" not in failures[0]["error"]
+
+
+async def test_file_removed_before_archive(standin: StandIn,
+                                          setup_factory: SetupFactory) -> None:
+    """A file removed before the response arrives is uploaded once, logged as not archived."""
+    setup = setup_factory()
+    await add_faults(standin.url, {"kind": "slow", "seconds": 2})
+    path = setup.drop("Alpha Person", "gone.txt", b"removed by someone")
+    with capture_logs() as logs:
+        async with DaemonRunner(setup):
+            await wait_until(lambda: rows_in(setup, State.UPLOADING), what="upload in flight")
+            await asyncio.sleep(0.5)
+            path.unlink()
+            await wait_until(lambda: [r.disposition for r in setup.rows()] == ["deleted"],
+                             what="the move recorded")
+
+    assert [r.state for r in setup.rows()] == [State.UPLOADED]
+    got = await received(standin.url)
+    assert [g["name"] for g in got] == ["gone.txt"]
+    assert await received_content(standin.url, got[0]["id"]) == b"removed by someone"
+    warnings = [e for e in logs if e["event"] == "move.failed"]
+    assert len(warnings) == 1
+    assert warnings[0]["path"] == "Alpha Person/gone.txt"
+    assert not (setup.archive / "Alpha Person" / "gone.txt").exists()
 
 
 async def test_full_archive_disk_keeps_row(standin: StandIn, setup_factory: SetupFactory,

@@ -143,6 +143,11 @@ def _move_into(
     try:
         placed = _place(src, before, dir_fd, name, gid, reason)
         _fsync_dir(dir_fd)
+    except OSError as exc:
+        # The error would name a temporary file whose name changes on every try. The
+        # folder is what a person has to fix, and it keeps repeats countable in the log.
+        raise OSError(exc.errno, exc.strerror or str(exc),
+                      str(dest_root.joinpath(*folders))) from exc
     finally:
         os.close(dir_fd)
     _unlink_if_unchanged(src, before)

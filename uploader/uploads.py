@@ -482,14 +482,29 @@ class Uploader:
                 await self.rt.ledger.update(row.id, disposition=DISPOSITION_KEPT)
         except FileNotFoundError:
             await self.rt.ledger.update(row.id, disposition=DISPOSITION_DELETED)
+            # Only on the first try: a retried move may find the file gone because a
+            # crash came between the move and its ledger commit.
+            # NOTE: that retry records `deleted` although the file is in the archive.
+            if upload.after_success == "archive" and row.disposition is None:
+                log.warning("move.failed", client=row.client_id, path=row.display_path,
+                            state=row.state, error="the file was gone from its drop folder",
+                            message="The file is in coreplus, but someone or something "
+                            "removed it from the drop folder before it could be archived, "
+                            "so the archive has no copy.",
+                            action="Nothing is needed for the upload. If the removal was "
+                            "not expected, check who else uses the drop folder.")
         except OSError as exc:
             await self.rt.ledger.update(row.id, disposition=DISPOSITION_PENDING)
+            # One condition per cause, not per file: a full or read-only archive would
+            # otherwise log every file at every retry. `status` lists each pending move.
             self.rt.warn_once(
-                "move.failed", client=row.client_id, path=row.display_path, cause=str(exc),
-                state=row.state, message="The file is in coreplus, but it could not be moved "
-                "out of the drop folder. It will not be uploaded again.",
+                "move.failed", client=None, path=None, cause=str(exc),
+                first_path=row.display_path, first_client=row.client_id, state=row.state,
+                message="A file is in coreplus, but it could not be moved out of the drop "
+                "folder. It will not be uploaded again, and later files with the same "
+                "problem are counted here, not logged one by one.",
                 action="Free space or fix permissions on the archive folder; the move is "
-                "retried automatically.")
+                "retried automatically. `coreplus-uploader status` lists the waiting files.")
 
     async def retry_pending_moves(self) -> None:
         """Try again to archive or delete files whose move failed earlier."""
@@ -522,7 +537,7 @@ class Uploader:
 class _NotClaimed(Exception):
     """
     Raised before the first byte when the row cannot be claimed: it is no longer ready,
-    or ``earlier`` already holds the same bytes for the client.
+    or ``earlier`` is an upload of the same bytes for the client.
     """
 
     def __init__(self, earlier: FileRow | None) -> None:
