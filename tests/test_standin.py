@@ -978,6 +978,8 @@ INVALID_FAULTS = {
     "times-zero": {"kind": "status", "status": 500, "times": 0},
     "negative-seconds": {"kind": "slow", "seconds": -1},
     "unknown-key": {"kind": "status", "status": 500, "colour": "red"},
+    "negative-retry-after": {"kind": "status", "status": 503, "retry_after": -3},
+    "fractional-retry-after": {"kind": "status", "status": 503, "retry_after": 1.5},
 }
 
 
@@ -995,6 +997,17 @@ class TestFaults:
         await assert_nothing_stored(standin)
         assert (await send(http, standin, valid_body("a.txt", b"1"))).status == 200
         assert len(await received(standin.url)) == 1
+
+    async def test_status_fault_numeric_retry_after(
+        self, standin: StandIn, http: aiohttp.ClientSession
+    ) -> None:
+        """A Retry-After given as a whole number of seconds is sent as that header text."""
+        await add_faults(standin.url, {"kind": "status", "status": 429, "retry_after": 3})
+        faulted = await send(http, standin, valid_body("a.txt", b"1"))
+
+        assert faulted.status == 429
+        assert faulted.headers["Retry-After"] == "3"
+        await assert_nothing_stored(standin)
 
     async def test_status_fault_custom_body(
         self, standin: StandIn, http: aiohttp.ClientSession

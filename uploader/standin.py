@@ -339,7 +339,7 @@ def parse_fault(data: Any) -> Fault:
     unknown = sorted(set(data) - {f.name for f in Fault.__dataclass_fields__.values()})
     if unknown:
         raise ValueError(f"unknown fault keys: {', '.join(unknown)}")
-    fault = Fault(**data)
+    fault = Fault(**{**data, "retry_after": _header_text(data.get("retry_after"))})
     if fault.kind not in FAULT_KINDS:
         raise ValueError(
             f"unknown fault kind {fault.kind!r}; use one of {', '.join(sorted(FAULT_KINDS))}"
@@ -362,9 +362,19 @@ def _check_fault_values(fault: Fault) -> None:
         )
     if not isinstance(fault.seconds, (int, float)) or fault.seconds < 0:
         raise ValueError(f"fault seconds must be a non-negative number, got {fault.seconds!r}")
-    for key in ("match_name", "retry_after", "body", "content_type"):
+    if not isinstance(fault.retry_after, (str, type(None))):
+        raise ValueError("fault retry_after must be header text or a whole number of seconds "
+                         f"from 0, got {fault.retry_after!r}")
+    for key in ("match_name", "body", "content_type"):
         if not isinstance(getattr(fault, key), (str, type(None))):
             raise ValueError(f"fault {key} must be a string, got {getattr(fault, key)!r}")
+
+
+def _header_text(retry_after: Any) -> Any:
+    """Accept a Retry-After given as a whole number of seconds as well as header text."""
+    if type(retry_after) is int and retry_after >= 0:
+        return str(retry_after)
+    return retry_after
 
 
 def _is_error_status(status: Any) -> bool:
@@ -864,8 +874,10 @@ class _ControlHandlers:
         document = await _read_control_json(request, default={})
         status = document.get("status", 503) if isinstance(document, dict) else None
         retry_after = document.get("retry_after") if isinstance(document, dict) else None
+        retry_after = _header_text(retry_after)
         if not _is_error_status(status) or not isinstance(retry_after, (str, type(None))):
-            raise web.HTTPBadRequest(text='send {"status": 400-599, "retry_after": "<string>"}')
+            raise web.HTTPBadRequest(
+                text='send {"status": 400-599, "retry_after": "<header text or seconds>"}')
         self.state.down = DownMode(status=status, retry_after=retry_after)
         return web.json_response({"down": True})
 
