@@ -326,6 +326,9 @@ class TestOnline:
         assert f"maps to client id {UNKNOWN}, which coreplus does not know" in messages(
             report, "error")
         assert "The drop folder Unknown Person maps to no client" in messages(report, "warning")
+        # Not every folder names a known client, so the summary is no OK line.
+        assert "name a client that coreplus knows" in messages(report, "warning")
+        assert "coreplus knows" not in messages(report, "ok")
         assert report.exit_code() == ExitCode.USAGE
         text = render_text(report)
         assert f"Alpha Person -> {ALPHA}: Alpha Democlient, born 1970-01-10" in text
@@ -343,6 +346,7 @@ class TestOnline:
                                          unit_path=write_unit(tmp_path, setup))
         assert report.errors == []
         assert report.clients[0]["name"] == "Alpha Democlient"
+        assert "2 of 2 mapped folders and aliases name a client" in messages(report, "ok")
 
     async def test_online_wrong_secret(self, tmp_path: Path, standin: StandIn,
                                        standin_settings: StandInSettings) -> None:

@@ -857,8 +857,14 @@ def _report_clients(report: CheckReport, entries: list[dict[str, Any]],
                        "which coreplus does not know. Correct the GUID in the folder name or "
                        "in [clients].")
     known = sum(1 for entry in entries if entry.get("found"))
-    report.add("ok", "clients", f"{known} of {len(entries)} mapped folders and aliases name a "
-               "client that coreplus knows; compare the names below with the folder names.")
+    summary = (f"{known} of {len(entries)} mapped folders and aliases name a client that "
+               "coreplus knows")
+    if known == len(entries):
+        report.add("ok", "clients", f"{summary}; compare the names below with the folder names.")
+    else:
+        # The lines above name each one and its problem, so an OK here would mislead.
+        report.add("warning", "clients", f"{summary}. Fix the ones listed above, then run "
+                   "the check again.")
 
 
 # --- the whole check -------------------------------------------------------------------------
