@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write a CSV line per file handled to FILE (created with mode 0600)")
     imp.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                      help="how long to wait for deferred files before exiting with 75 "
-                     "(default: 600)")
+                     "(default: 600); uploads still in flight then get up to "
+                     "upload.shutdown_grace_seconds more to finish")
     command("status", "show the daemon's state and every file that needs attention")
     check = command("check", "check the configuration, permissions, ledger and clock")
     check.add_argument("--online", action="store_true",
