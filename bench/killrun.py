@@ -79,6 +79,8 @@ class KillRunResult:
         lost: Files whose bytes never reached their client.
         duplicates: Extra copies stored (a file stored 3 times counts 2).
         unflagged: Files stored more than once without a ``possible_duplicate`` row.
+        false_flags: Files flagged ``possible_duplicate`` that the stand-in stored once,
+            which someone would check in coreplus for nothing.
         wrong_client: Uploads of bytes that belong to no planned (client, file) pair.
         states: Ledger rows per state at the end.
         left_in_drop: Files still in the drop folders at the end.
@@ -90,6 +92,7 @@ class KillRunResult:
     lost: list[str] = field(default_factory=list)
     duplicates: int = 0
     unflagged: list[str] = field(default_factory=list)
+    false_flags: int = 0
     wrong_client: int = 0
     states: dict[str, int] = field(default_factory=dict)
     left_in_drop: int = 0
@@ -103,6 +106,7 @@ class KillRunResult:
             f"lost: {len(self.lost)} {self.lost[:5] if self.lost else ''}".rstrip(),
             f"duplicates stored: {self.duplicates}, not flagged possible_duplicate: "
             f"{len(self.unflagged)} {self.unflagged[:5] if self.unflagged else ''}".rstrip(),
+            f"flagged possible_duplicate but stored once: {self.false_flags}",
             f"uploads to a wrong client: {self.wrong_client}",
             f"ledger states: {dict(sorted(self.states.items()))}",
             f"files left in drop folders: {self.left_in_drop}",
@@ -214,6 +218,7 @@ def _check(run: _Run, planned: list[PlannedFile], kills: int) -> KillRunResult:
     result.duplicates = sum(count - 1 for count in stored.values() if count > 1)
     result.unflagged = sorted(expected.get(pair, str(pair)) for pair, count in stored.items()
                               if count > 1 and pair not in flagged)
+    result.false_flags = sum(1 for pair in flagged if stored[pair] == 1)
     result.wrong_client = sum(count for pair, count in stored.items() if pair not in expected)
     result.states = state_counts(run.install.ledger)
     result.left_in_drop = run.files_left()
@@ -237,6 +242,8 @@ def run(ctx: Context) -> list[Figure]:
         judged(PHASE, "duplicates stored / of them not flagged",
                f"{result.duplicates} / {len(result.unflagged)}", "each flagged",
                not result.unflagged),
+        reported(PHASE, "files flagged as possible duplicates but stored once",
+                 str(result.false_flags)),
         reported(PHASE, "files unfinished at the end (left in drop folders)",
                  f"{unfinished} ({result.left_in_drop})"),
     ]
