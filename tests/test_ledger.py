@@ -821,13 +821,16 @@ class TestSurrogates:
 
 
 def test_schema_1_ledger_is_upgraded(tmp_path: Path) -> None:
-    """A ledger written at schema 1 gains the new index and version 2 when opened."""
+    """A ledger written at schema 1 gains the newer indexes and version 3 when opened."""
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path)
     db.executescript(_SCHEMA_V1)
     db.execute("PRAGMA user_version = 1")
     db.execute("INSERT INTO files (rel_path, display_path, size, mtime_ns, ctime_ns, state, "
                "first_seen_at, updated_at) VALUES (x'61', 'a', 1, 1, 1, 'uploaded', 1, 1)")
+    db.execute("INSERT INTO files (rel_path, display_path, size, mtime_ns, ctime_ns, state, "
+               "first_seen_at, updated_at, uploaded_at, disposition) "
+               "VALUES (x'62', 'b', 1, 1, 1, 'uploaded', 1, 1, 5, 'pending')")
     db.commit()
     db.close()
 
@@ -837,9 +840,15 @@ def test_schema_1_ledger_is_upgraded(tmp_path: Path) -> None:
         indexes = {r[0] for r in ledger._db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'index'")}
         rows = list(ledger.all_rows())
+        pending = [r.display_path for r in ledger.pending_dispositions()]
+        stuck = ledger.count_pending_moves(before=10)
     finally:
         ledger.close()
 
-    assert version == 2
+    assert version == 3
     assert "files_state_uploaded" in indexes
-    assert [r.display_path for r in rows] == ["a"]
+    assert "files_pending_move" in indexes
+    assert [r.display_path for r in rows] == ["a", "b"]
+    # The partial index of schema 3 covers rows that were pending before the upgrade.
+    assert pending == ["b"]
+    assert stuck == 1

@@ -30,7 +30,7 @@ from uploader.context import AsyncLedger, Runtime
 from uploader.folders import IgnoreRules
 from uploader.ledger import Ledger
 from uploader.logs import NameHider
-from uploader.ops import Operations, Snapshot, status_line
+from uploader.ops import STUCK_MOVE_S, Operations, Snapshot, status_line
 from uploader.sdnotify import Notifier
 from uploader.standin import StandIn, StandInSettings
 
@@ -281,6 +281,26 @@ class TestTick:
         assert ops.hider.token("Okafor Ada/letter.pdf") in body
         assert ops.hider.token("Smith John") in body
         assert "1 file could not be uploaded" in " ".join(text.split())
+
+    async def test_tick_stuck_move_alert(self, runtime: Runtime, make_ops: OpsFactory,
+                                         tmp_path: Path) -> None:
+        """Moves pending ten minutes after their upload raise one alert; newer ones none."""
+        sync = runtime.ledger.sync
+        now = time.time()
+        for name in ("old1.pdf", "old2.pdf"):
+            add_row(sync, f"Alpha Person/{name}", State.UPLOADED, disposition="pending",
+                    uploaded_at=now - STUCK_MOVE_S - 60)
+        add_row(sync, "Alpha Person/new.pdf", State.UPLOADED, disposition="pending",
+                uploaded_at=now - 30)
+        add_row(sync, "Alpha Person/done.pdf", State.UPLOADED, disposition="archived",
+                uploaded_at=now - 2 * STUCK_MOVE_S)
+        snapshot = await make_ops().tick()
+
+        assert snapshot.stuck_moves == 2
+        sent = alerts_sent(tmp_path / "alerts.jsonl")
+        assert [entry["kinds"] for entry in sent] == ["moves"]
+        assert "2 uploaded files are still in the drop folders" in sent[0]["stdin"]
+        assert str(runtime.config.upload.archive_dir) in sent[0]["stdin"]
 
     async def test_tick_low_disk_alert(self, runtime: Runtime, make_ops: OpsFactory,
                                        notify: NotifySocket, tmp_path: Path) -> None:

@@ -35,10 +35,10 @@ from uploader.config import AlertConfig
 
 log = structlog.get_logger("uploader.alerts")
 
-AlertKind = Literal["paused", "disk", "failed", "held", "unmapped"]
+AlertKind = Literal["paused", "disk", "failed", "held", "moves", "unmapped"]
 
 #: Order of importance, for the subject line and the body.
-KIND_ORDER: tuple[AlertKind, ...] = ("paused", "disk", "failed", "held", "unmapped")
+KIND_ORDER: tuple[AlertKind, ...] = ("paused", "disk", "failed", "held", "moves", "unmapped")
 
 #: Name of the file, beside the ledger, that remembers which causes were reported today.
 SENT_FILE_NAME = "alerts-sent.json"

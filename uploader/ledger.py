@@ -24,7 +24,7 @@ from uploader.constants import ACTIVE_STATES, RETRYABLE_BY_USER, State
 from uploader.exceptions import LedgerDamagedError, LedgerError, LedgerLockedError
 
 #: Bumped whenever the schema changes; `_migrate` upgrades older ledgers in place.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE files (
@@ -73,6 +73,9 @@ _MIGRATIONS = {
     1: _SCHEMA_V1,
     # Lets the operations loop count today's uploads without reading every row.
     2: "CREATE INDEX files_state_uploaded ON files (state, uploaded_at);",
+    # Lets the operations loop look for stuck archive moves every few seconds. The
+    # index contains only the rows whose move is still to do, so it stays small.
+    3: "CREATE INDEX files_pending_move ON files (uploaded_at) WHERE disposition = 'pending';",
 }
 
 #: Dispositions after an upload. ``pending`` means the move to the archive (or the
@@ -354,10 +357,20 @@ class Ledger:
     def pending_dispositions(self) -> list[FileRow]:
         """Uploaded rows whose move to the archive, or delete, still has to happen."""
         cur = self._db.execute(
-            f"SELECT {_COLUMNS} FROM files WHERE disposition = ? ORDER BY id",
-            (DISPOSITION_PENDING,),
+            f"SELECT {_COLUMNS} FROM files INDEXED BY files_pending_move "
+            f"WHERE disposition = '{DISPOSITION_PENDING}' ORDER BY id"
         )
         return [_row(r) for r in cur]  # type: ignore[misc]
+
+    def count_pending_moves(self, *, before: float) -> int:
+        """Count rows whose move is still to do and that were uploaded before ``before``."""
+        # The literal lets SQLite match the partial index, which a bound value cannot.
+        cur = self._db.execute(
+            f"SELECT COUNT(*) FROM files WHERE disposition = '{DISPOSITION_PENDING}' "
+            "AND COALESCE(uploaded_at, first_seen_at) < ?",
+            (before,),
+        )
+        return int(cur.fetchone()[0])
 
     def count_by_state(self, *states: str) -> dict[str, int]:
         """
@@ -464,8 +477,8 @@ class Ledger:
         for the disk, unless the client already has the same bytes or the row is no
         longer ready.
 
-        One transaction does both, so the duplicate lookup and the claim cost the
-        worker a single trip to the ledger before the first byte.
+        The duplicate lookup shares the claim's transaction, so no upload of the same
+        bytes can be recorded between the check and the claim.
 
         Args:
             row_id: The row a worker took from ``next_ready``.

@@ -52,6 +52,10 @@ POLL_INTERVAL_S = 5.0
 #: Seconds between two prunes of the archive.
 PRUNE_INTERVAL_S = 86_400.0
 
+#: An uploaded file still waiting for its archive move this long after its upload is
+#: reported: moves are retried every minute, so this rules out a brief lock or hiccup.
+STUCK_MOVE_S = 600.0
+
 #: States still on their way to coreplus, counted as the queue.
 QUEUE_STATES = (State.WAITING, State.QUEUED, State.UPLOADING, State.DEFERRED,
                 State.UNCERTAIN)
@@ -98,6 +102,8 @@ class Snapshot:
     """Unmapped folders and root files, as ``Ledger.unmapped`` returns them."""
     low_disks: list[LowDisk] = field(default_factory=list)
     """Filesystems below ``alert.disk_min_free_percent``."""
+    stuck_moves: int = 0
+    """Uploaded files still in their drop folders ``STUCK_MOVE_S`` after the upload."""
 
     @property
     def queue(self) -> int:
@@ -238,7 +244,8 @@ class Operations:
             failed=await asyncio.to_thread(_still_in_failed_folder, failed),
             held=await ledger.rows_in_state(State.HELD),
             unmapped=await ledger.unmapped(),
-            low_disks=await asyncio.to_thread(self._low_disks))
+            low_disks=await asyncio.to_thread(self._low_disks),
+            stuck_moves=await ledger.count_pending_moves(before=now - STUCK_MOVE_S))
         self._paused_since = (self._paused_since or now) if snapshot.paused else None
         return snapshot
 
@@ -275,8 +282,28 @@ class Operations:
         found += [self._disk_alert(disk) for disk in snapshot.low_disks]
         found += [self._failed_alert(row) for row in snapshot.failed]
         found += [self._held_alert(row) for row in snapshot.held]
+        if snapshot.stuck_moves:
+            found.append(self._moves_alert(snapshot.stuck_moves))
         found += [self._unmapped_alert(entry) for entry in snapshot.unmapped]
         return found
+
+    def _moves_alert(self, count: int) -> Alert:
+        files = "1 uploaded file is" if count == 1 else f"{count} uploaded files are"
+        # One cause for all of them: the archive folder, not each file, is the problem.
+        return Alert("moves", "moves",
+                     f"{files} still in the drop folders more than "
+                     f"{STUCK_MOVE_S / 60:.0f} minutes after the upload, because moving "
+                     "them out failed. They are in coreplus and will not be uploaded again.",
+                     "Look for move.failed in the log, which names the folder and the "
+                     f"cause. Fix the permissions or free space on {self._move_target()}; "
+                     "the move is retried every minute. `coreplus-uploader status` lists "
+                     "the files.")
+
+    def _move_target(self) -> str:
+        upload = self.rt.config.upload
+        if upload.after_success == "archive" and upload.archive_dir is not None:
+            return f"the archive folder {upload.archive_dir}"
+        return "the drop folders, where the daemon's user must be able to delete files"
 
     def _disk_alert(self, disk: LowDisk) -> Alert:
         where = ", ".join(disk.paths)
