@@ -46,10 +46,11 @@ async def run_injected(
                             "-e", f"inject={syscall}:{injection}")
 
 
-async def wait_for_state(setup: Setup, state: State, timeout_s: float, what: str) -> None:
+async def wait_for_state(setup: Setup, state: State, timeout_s: float,
+                         description: str) -> None:
     """Wait until the ledger has exactly one row and that row is in ``state``."""
     await wait_until(lambda: [r.state for r in setup.rows()] == [state],
-                     timeout_s=timeout_s, what=what)
+                     timeout_s=timeout_s, what=description)
 
 
 async def wait_for_upload_in_flight(setup: Setup) -> None:

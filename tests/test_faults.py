@@ -222,7 +222,7 @@ async def https_standin(standin_settings: StandInSettings,
 
 async def test_untrusted_certificate_pauses(tmp_path: Path, standin_settings: StandInSettings,
                                             https_standin: StandIn) -> None:
-    """An HTTPS stand-in whose certificate does not verify pauses uploads; nothing fails."""
+    """An HTTPS stand-in whose certificate does not verify pauses uploads, and no file fails."""
     setup = make_setup(tmp_path, https_standin.url, standin_settings)
     setup.drop("Alpha Person", "a.txt", b"tls")
     with capture_logs() as logs:

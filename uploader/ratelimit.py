@@ -33,9 +33,10 @@ _WINDOW_S = 1.0
 # close to its time counts as due instead of sleeping again for nothing.
 _TOLERANCE_S = 1e-6
 
-# A sleep wakes up to about a millisecond late, because the event loop's timeouts have
-# millisecond resolution. A start at most this late keeps its planned time as the base
-# for the next one, so the lag does not add up. The window rule still uses real times.
+# A sleep wakes up to about a millisecond late, because the event loop's epoll selector
+# rounds every timeout up to whole milliseconds. A start at most this late keeps its
+# planned time as the base for the next one, so the lag does not add up. The window
+# rule still uses real times.
 _LAG_ALLOWANCE_S = 0.005
 
 

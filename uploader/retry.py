@@ -121,10 +121,10 @@ async def upload_with_retry(
     Upload one file, retrying transient failures with short waits.
 
     Each try calls ``client.upload``, which waits for the rate limiter, awaits
-    ``before_attempt(attempt_number)``, and then sends with a new token. Only ``RetryableUploadError`` is retried. The wait before
-    a retry is the longer of the service's Retry-After and an exponential wait with
-    jitter (about 1 s, 2 s, 4 s, ...), capped at ``INLINE_RETRY_MAX_WAIT_S`` and at
-    ``backoff_max_s``.
+    ``before_attempt(attempt_number)``, and then sends with a new token. Only
+    ``RetryableUploadError`` is retried. The wait before a retry is the longer of the
+    service's Retry-After and an exponential wait with jitter (about 1 s, 2 s, 4 s, ...),
+    capped at ``INLINE_RETRY_MAX_WAIT_S`` and at ``backoff_max_s``.
 
     Args:
         client: The client that makes one try per call.

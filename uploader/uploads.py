@@ -81,8 +81,9 @@ class Uploader:
         #: Confirmed uploads still being recorded and moved. They no longer hold a
         #: worker slot, so the next upload can start while the ledger commits.
         self.finishing: dict[int, asyncio.Task[None]] = {}
-        self._busy_keys: set[tuple[str | None, str | None]] = set()
-        self._row_keys: dict[int, tuple[str | None, str | None]] = {}
+        # The (client, bytes) key of each row in flight or still being recorded, by row
+        # id, because a worker may have moved the row to another client meanwhile.
+        self._busy_keys: dict[int, tuple[str | None, str | None]] = {}
         self._accepting = True
 
     # -- dispatching ---------------------------------------------------------------
@@ -129,12 +130,11 @@ class Uploader:
             if free <= 0 or self.gate.paused or self.rt.stopping.is_set():
                 return
             key = (row.client_id, row.sha256)
-            if key in self._busy_keys:
+            if key in self._busy_keys.values():
                 # The same bytes for the same client are in flight or not yet recorded:
                 # once that ends, this row becomes a duplicate or goes up itself.
                 continue
-            self._busy_keys.add(key)
-            self._row_keys[row.id] = key
+            self._busy_keys[row.id] = key
             self.in_flight[row.id] = asyncio.create_task(self._run(row))
             free -= 1
 
@@ -164,9 +164,7 @@ class Uploader:
     def _release(self, row_id: int) -> None:
         # Let the next row with the same client and bytes start. It finds this row in
         # the ledger and becomes a duplicate, or goes up itself if this upload failed.
-        key = self._row_keys.pop(row_id, None)
-        if key is not None:
-            self._busy_keys.discard(key)
+        self._busy_keys.pop(row_id, None)
         self.counters.handled_ids.add(row_id)
 
     async def wait_finishing(self, timeout_s: float | None) -> list[asyncio.Task[None]]:
